@@ -1,0 +1,1 @@
+//! PLACEHOLDER owned by the tokenizer work: chat templates rendered with minijinja.

@@ -1,0 +1,54 @@
+//! One error type for the library. Every message says what went wrong and what to do about it,
+//! because the CLI prints it verbatim as the user's only clue.
+
+use std::path::PathBuf;
+
+/// Errors the engine reports to its callers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}; check that the path exists and is readable")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a GGUF file ({detail}); pass a .gguf model file or a model name such as `smollm2`")]
+    NotGguf { path: PathBuf, detail: String },
+    #[error("{path} is truncated: {detail}; the download or copy was cut short, fetch the model again")]
+    Truncated { path: PathBuf, detail: String },
+    #[error("unsupported model architecture `{0}`; longctx runs `llama` (Llama 2/3, Mistral, SmolLM) and `qwen2` models")]
+    UnsupportedArchitecture(String),
+    #[error("tensor `{tensor}` has weight type {dtype}, which longctx does not support; use a GGUF quantized as F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K")]
+    UnsupportedWeightType { tensor: String, dtype: String },
+    #[error("the model file is missing {0}; the GGUF was written by an incompatible converter, re-convert it with a current llama.cpp")]
+    MissingMetadata(String),
+    #[error("tensor `{name}` has shape {actual:?} but the model configuration needs {expected:?}; the GGUF is inconsistent")]
+    BadShape {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    #[error("the prompt is empty; give some text with --prompt or --file")]
+    EmptyPrompt,
+    #[error("the prompt has {tokens} tokens plus {reserve} to generate, but the context holds {ctx}; shorten the prompt, lower --max-tokens or raise --ctx")]
+    ContextOverflow {
+        tokens: usize,
+        reserve: usize,
+        ctx: usize,
+    },
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    BadToken { id: u32, vocab: usize },
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+    #[error("unknown model `{name}`; known names: {known}, or pass a path to a .gguf file")]
+    UnknownModel { name: String, known: String },
+    #[error("could not fetch model `{name}`: {detail}")]
+    Fetch { name: String, detail: String },
+}
+
+/// Result with the crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
