@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
@@ -17,7 +18,7 @@ pub use candle_core::quantized::gguf_file::Value as MetaValue;
 pub struct Gguf {
     path: PathBuf,
     content: Content,
-    map: Mmap,
+    map: Arc<Mmap>,
 }
 
 /// A tensor's type, shape (ggml order reversed: rows first) and bytes inside the map.
@@ -58,7 +59,7 @@ impl Gguf {
         let gguf = Self {
             path: path.to_path_buf(),
             content,
-            map,
+            map: Arc::new(map),
         };
         gguf.check_tensor_extents()?;
         Ok(gguf)
@@ -129,6 +130,22 @@ impl Gguf {
             shape: info.shape.dims().to_vec(),
             bytes: &self.map[start..start + len],
         })
+    }
+
+    /// A weight matrix `[rows, cols]` read in place; `rows` is 1 for a vector.
+    pub fn weight(&self, name: &str) -> Result<crate::quant::Weight> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| Error::MissingMetadata(format!("the tensor `{name}`")))?;
+        let wtype = crate::quant::WeightType::from_ggml(info.ggml_dtype, name)?;
+        let dims = info.shape.dims();
+        let cols = *dims.last().unwrap_or(&1);
+        let rows = info.shape.elem_count() / cols.max(1);
+        let (start, len) = self.extent(info);
+        let slice = crate::quant::MapSlice::new(self.map.clone(), start, len);
+        crate::quant::Weight::new(name, wtype, rows, cols, slice)
     }
 
     fn extent(&self, info: &candle_core::quantized::gguf_file::TensorInfo) -> (usize, usize) {

@@ -1,30 +1,56 @@
-//! PLACEHOLDER: the engine's public API, bodies being written.
+//! The session: the one place where the model, the KV cache and the position scheme meet.
+//! A [`Model`] is loaded once and shared; each [`Session`] is one sequence with its own cache.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::gguf::Gguf;
+use crate::kv::KvCache;
+use crate::model::{forward, Config, Scratch, Weights};
+use crate::positions::{ModelRope, PositionScheme};
+use crate::threads::ThreadPool;
 use crate::tokenizer::Tokenizer;
-use crate::Result;
+use crate::{Error, Result};
 
-/// Element type of the KV cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvDtype {
-    F16,
-    F32,
-}
+pub use crate::kv::KvDtype;
 
 /// A loaded model: weights (memory-mapped, shared read-only), configuration and tokenizer.
 pub struct Model {
+    pub config: Config,
+    pub weights: Weights,
     pub tokenizer: Tokenizer,
     /// `tokenizer.chat_template` from the GGUF, if any.
     pub chat_template: Option<String>,
     /// Trained context length (`{arch}.context_length`).
     pub trained_ctx: usize,
+    pub gguf: Gguf,
 }
 
 impl Model {
-    pub fn load(_path: &Path) -> Result<Arc<Model>> {
-        unimplemented!()
+    pub fn load(path: &Path) -> Result<Arc<Model>> {
+        let gguf = Gguf::open(path)?;
+        let config = Config::from_gguf(&gguf)?;
+        let weights = Weights::load(&gguf, &config)?;
+        let tokenizer = Tokenizer::from_gguf_metadata(gguf.metadata())?;
+        let chat_template = gguf.get_str("tokenizer.chat_template").ok();
+        Ok(Arc::new(Model {
+            trained_ctx: config.context_length,
+            config,
+            weights,
+            tokenizer,
+            chat_template,
+            gguf,
+        }))
+    }
+
+    /// The model's own RoPE, as its file describes it.
+    pub fn rope(&self) -> ModelRope {
+        ModelRope {
+            base: self.config.rope_base,
+            dims: self.config.rope_dims,
+            freq_factors: self.weights.rope_freqs.clone(),
+            linear_factor: self.config.rope_linear_factor,
+        }
     }
 }
 
@@ -54,37 +80,129 @@ impl Default for SessionOptions {
 /// One sequence being processed: a KV cache and scratch buffers over a shared model.
 pub struct Session {
     pub model: Arc<Model>,
+    options: SessionOptions,
+    pool: ThreadPool,
+    cache: KvCache,
+    scratch: Scratch,
+    scheme: Box<dyn PositionScheme>,
+    /// Position the next token will take.
+    next_position: i32,
+    /// `[V]` logits of the last token fed.
+    logits: Vec<f32>,
 }
 
 impl Session {
-    pub fn new(_model: Arc<Model>, _opts: SessionOptions) -> Result<Self> {
-        unimplemented!()
+    pub fn new(model: Arc<Model>, options: SessionOptions) -> Result<Self> {
+        if options.chunk_size == 0 {
+            return Err(Error::InvalidOption("the chunk size must be at least 1 token".into()));
+        }
+        if options.threads == 0 {
+            return Err(Error::InvalidOption("the thread count must be at least 1".into()));
+        }
+        let c = &model.config;
+        let n_ctx = if options.n_ctx == 0 { model.trained_ctx } else { options.n_ctx };
+        let cache = KvCache::new(options.kv_dtype, c.n_layer, c.n_kv_head, c.head_dim, n_ctx);
+        let chunk = options.chunk_size.min(n_ctx);
+        let scratch = Scratch::new(c, chunk, n_ctx, options.threads);
+        let scheme = Box::new(model.rope());
+        Ok(Self {
+            pool: ThreadPool::new(options.threads),
+            logits: vec![0.0; c.vocab],
+            model,
+            options: SessionOptions { n_ctx, chunk_size: chunk, ..options },
+            cache,
+            scratch,
+            scheme,
+            next_position: 0,
+        })
     }
+
     /// Feeds tokens (chunked); returns the logits of the last one.
-    pub fn prefill(&mut self, _tokens: &[u32]) -> Result<&[f32]> {
-        unimplemented!()
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        self.feed(tokens, None)?;
+        Ok(&self.logits)
     }
+
     /// Feeds tokens and returns logits for every one of them, row-major `[tokens, vocab]`.
-    pub fn prefill_all_logits(&mut self, _tokens: &[u32]) -> Result<Vec<f32>> {
-        unimplemented!()
+    pub fn prefill_all_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut all = vec![0.0; tokens.len() * self.model.config.vocab];
+        self.feed(tokens, Some(&mut all))?;
+        Ok(all)
     }
+
     /// Feeds one token; returns its logits.
-    pub fn decode(&mut self, _token: u32) -> Result<&[f32]> {
-        unimplemented!()
+    pub fn decode(&mut self, token: u32) -> Result<&[f32]> {
+        self.prefill(&[token])
     }
+
+    /// Logits of the last token fed.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
     /// Tokens in the cache.
     pub fn n_past(&self) -> usize {
-        unimplemented!()
+        self.cache.len()
     }
+
     pub fn n_ctx(&self) -> usize {
-        unimplemented!()
+        self.options.n_ctx
     }
-    /// Bytes allocated for the KV cache.
+
+    pub fn options(&self) -> &SessionOptions {
+        &self.options
+    }
+
+    /// Bytes of KV cache holding the tokens in it.
     pub fn kv_bytes(&self) -> usize {
-        unimplemented!()
+        self.cache.bytes_in_use()
     }
+
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
     /// Empties the cache.
     pub fn reset(&mut self) {
-        unimplemented!()
+        self.cache.clear();
+        self.next_position = 0;
+    }
+
+    fn feed(&mut self, tokens: &[u32], mut all_logits: Option<&mut [f32]>) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let vocab = self.model.config.vocab;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::BadToken { id, vocab });
+        }
+        if self.cache.len() + tokens.len() > self.cache.capacity() {
+            return Err(Error::ContextOverflow {
+                tokens: self.cache.len() + tokens.len(),
+                reserve: 0,
+                ctx: self.cache.capacity(),
+            });
+        }
+        let model = self.model.clone();
+        let mut done = 0;
+        for chunk in tokens.chunks(self.options.chunk_size) {
+            let positions: Vec<i32> = (0..chunk.len() as i32).map(|i| self.next_position + i).collect();
+            let slots = self.cache.push_slots(&positions)?;
+            let freqs = self.scheme.frequencies(self.cache.len());
+            self.scratch.rotary.fill(&positions, &freqs, self.scheme.attention_factor());
+            let last = done + chunk.len() == tokens.len();
+            let (rows, out): (std::ops::Range<usize>, &mut [f32]) = match all_logits.as_deref_mut() {
+                Some(all) => (0..chunk.len(), &mut all[done * vocab..(done + chunk.len()) * vocab]),
+                None if last => (chunk.len() - 1..chunk.len(), &mut self.logits[..]),
+                None => (0..0, &mut []),
+            };
+            forward(&model.weights, &model.config, &self.pool, &mut self.cache, &mut self.scratch, chunk, slots, rows, out);
+            self.next_position += chunk.len() as i32;
+            done += chunk.len();
+        }
+        if let Some(all) = all_logits {
+            self.logits.copy_from_slice(&all[(tokens.len() - 1) * vocab..]);
+        }
+        Ok(())
     }
 }

@@ -1,1 +1,205 @@
-//! kv
+//! The KV cache: preallocated once per session, laid out `[layer][kv_head][slot][head_dim]` so
+//! that attention reads each head's keys and values as one contiguous run, and so that a policy
+//! can later keep a different set of tokens per head.
+//!
+//! Keys are stored after rotation (as llama.cpp does), together with the position each slot was
+//! rotated at; moving a token to another position is then an exact delta rotation by
+//! (new − old), never a second application of any attention factor.
+
+use half::f16;
+
+use crate::{Error, Result};
+
+/// Element type of the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    F16,
+    F32,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F16 => 2,
+            Self::F32 => 4,
+        }
+    }
+}
+
+/// Storage of one tensor (all keys or all values) of all layers.
+pub enum KvData {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl KvData {
+    fn zeros(dtype: KvDtype, n: usize) -> Self {
+        // `vec![0; n]` comes from zeroed pages: memory is committed as the cache fills, not upfront.
+        match dtype {
+            KvDtype::F16 => Self::F16(vec![f16::ZERO; n]),
+            KvDtype::F32 => Self::F32(vec![0.0; n]),
+        }
+    }
+
+    fn write(&mut self, at: usize, values: &[f32]) {
+        match self {
+            Self::F16(d) => {
+                for (o, &v) in d[at..at + values.len()].iter_mut().zip(values) {
+                    *o = f16::from_f32(v);
+                }
+            }
+            Self::F32(d) => d[at..at + values.len()].copy_from_slice(values),
+        }
+    }
+
+    fn copy_within(&mut self, from: usize, to: usize, len: usize) {
+        match self {
+            Self::F16(d) => d.copy_within(from..from + len, to),
+            Self::F32(d) => d.copy_within(from..from + len, to),
+        }
+    }
+}
+
+/// Cached keys and values of one sequence.
+pub struct KvCache {
+    pub dtype: KvDtype,
+    pub n_layer: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    capacity: usize,
+    len: usize,
+    pub k: KvData,
+    pub v: KvData,
+    /// Position each slot's key was rotated at.
+    positions: Vec<i32>,
+}
+
+impl KvCache {
+    pub fn new(dtype: KvDtype, n_layer: usize, n_kv_head: usize, head_dim: usize, capacity: usize) -> Self {
+        let n = n_layer * n_kv_head * capacity * head_dim;
+        Self {
+            dtype,
+            n_layer,
+            n_kv_head,
+            head_dim,
+            capacity,
+            len: 0,
+            k: KvData::zeros(dtype, n),
+            v: KvData::zeros(dtype, n),
+            positions: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Slots in use.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn positions(&self) -> &[i32] {
+        &self.positions
+    }
+
+    /// Bytes held by the slots in use (keys and values, all layers).
+    pub fn bytes_in_use(&self) -> usize {
+        2 * self.n_layer * self.n_kv_head * self.len * self.head_dim * self.dtype.bytes()
+    }
+
+    /// Bytes reserved for the whole capacity.
+    pub fn bytes_reserved(&self) -> usize {
+        2 * self.n_layer * self.n_kv_head * self.capacity * self.head_dim * self.dtype.bytes()
+    }
+
+    /// Start of `(layer, head, slot)` in `k` / `v`.
+    pub fn offset(&self, layer: usize, head: usize, slot: usize) -> usize {
+        ((layer * self.n_kv_head + head) * self.capacity + slot) * self.head_dim
+    }
+
+    /// Reserves `n` slots at the end for tokens at `positions`; layers then fill them with
+    /// [`KvCache::write`]. Fails rather than overwrite when the cache is full.
+    pub fn push_slots(&mut self, positions: &[i32]) -> Result<std::ops::Range<usize>> {
+        let start = self.len;
+        if start + positions.len() > self.capacity {
+            return Err(Error::ContextOverflow {
+                tokens: start + positions.len(),
+                reserve: 0,
+                ctx: self.capacity,
+            });
+        }
+        self.positions.extend_from_slice(positions);
+        self.len += positions.len();
+        Ok(start..self.len)
+    }
+
+    /// Stores one head's key and value for one slot.
+    pub fn write(&mut self, layer: usize, head: usize, slot: usize, key: &[f32], value: &[f32]) {
+        let at = self.offset(layer, head, slot);
+        self.k.write(at, key);
+        self.v.write(at, value);
+    }
+
+    /// Keeps only the slots listed (ascending) in every layer and head, compacting them to the
+    /// front: evicted tokens give their memory back to the next tokens.
+    pub fn retain(&mut self, keep: &[usize]) {
+        debug_assert!(keep.windows(2).all(|w| w[0] < w[1]));
+        for layer in 0..self.n_layer {
+            for head in 0..self.n_kv_head {
+                for (to, &from) in keep.iter().enumerate() {
+                    if to != from {
+                        let (src, dst) = (self.offset(layer, head, from), self.offset(layer, head, to));
+                        self.k.copy_within(src, dst, self.head_dim);
+                        self.v.copy_within(src, dst, self.head_dim);
+                    }
+                }
+            }
+        }
+        self.positions = keep.iter().map(|&i| self.positions[i]).collect();
+        self.len = keep.len();
+    }
+
+    /// Drops everything.
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.positions.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retain_compacts_every_head_and_keeps_positions() {
+        let mut c = KvCache::new(KvDtype::F32, 2, 2, 4, 8);
+        let slots = c.push_slots(&[10, 11, 12, 13]).unwrap();
+        for s in slots {
+            for l in 0..2 {
+                for h in 0..2 {
+                    let v = [(s * 100 + l * 10 + h) as f32; 4];
+                    c.write(l, h, s, &v, &v);
+                }
+            }
+        }
+        c.retain(&[0, 2, 3]);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.positions(), &[10, 12, 13]);
+        let KvData::F32(k) = &c.k else { unreachable!() };
+        assert_eq!(k[c.offset(1, 1, 1)], 211.0);
+        assert_eq!(k[c.offset(0, 1, 2)], 301.0);
+        assert_eq!(c.bytes_in_use(), 2 * 2 * 2 * 3 * 4 * 4);
+    }
+
+    #[test]
+    fn a_full_cache_refuses_more_tokens() {
+        let mut c = KvCache::new(KvDtype::F16, 1, 1, 2, 2);
+        c.push_slots(&[0, 1]).unwrap();
+        assert!(matches!(c.push_slots(&[2]), Err(Error::ContextOverflow { .. })));
+    }
+}

@@ -1,1 +1,9 @@
-//! model
+//! Models: configuration read from GGUF metadata, weights mapped in place, and the forward pass.
+
+mod attention;
+mod config;
+mod llama;
+
+pub use attention::attend;
+pub use config::{Architecture, Config};
+pub use llama::{forward, LayerWeights, Scratch, Weights};

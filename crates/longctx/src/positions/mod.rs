@@ -1,1 +1,98 @@
-//! positions
+//! Position schemes: how a token's position becomes a rotation of its query and key.
+//!
+//! Every scheme from the literature (PI, NTK, YaRN, LongRoPE, Self-Extend, …) changes one of
+//! three things, which is all this seam exposes: the rotary frequency of each dimension pair, a
+//! temperature on the attention logits, and which position a query or key is seen at. The
+//! forward pass asks the scheme, never a constant.
+
+mod rope;
+
+pub use rope::{ModelRope, RopeStyle};
+
+/// A way to turn positions into rotary angles.
+pub trait PositionScheme: Send + Sync {
+    /// Angular frequency (radians per position) of each rotated dimension pair, `rot_dims / 2`
+    /// values, for a sequence currently `seq_len` tokens long (dynamic schemes depend on it).
+    fn frequencies(&self, seq_len: usize) -> Vec<f64>;
+    /// Factor on cos/sin (YaRN's mscale); the attention logits scale by its square.
+    fn attention_factor(&self) -> f32 {
+        1.0
+    }
+}
+
+/// Cos/sin of every (position, pair) needed by one forward call, computed once and shared by all
+/// layers and heads.
+#[derive(Default)]
+pub struct RotaryTable {
+    /// `[positions, pairs]`.
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub pairs: usize,
+}
+
+impl RotaryTable {
+    /// Fills the table for `positions` with the given frequencies and cos/sin factor. Angles are
+    /// formed in f64 so that positions in the hundreds of thousands keep full f32 accuracy.
+    pub fn fill(&mut self, positions: &[i32], freqs: &[f64], factor: f32) {
+        self.pairs = freqs.len();
+        self.cos.clear();
+        self.sin.clear();
+        for &p in positions {
+            for &f in freqs {
+                let angle = p as f64 * f;
+                self.cos.push(angle.cos() as f32 * factor);
+                self.sin.push(angle.sin() as f32 * factor);
+            }
+        }
+    }
+
+    /// Rotates one head vector `x` (`head_dim` values, the first `2·pairs` rotated) for the
+    /// `row`-th position of the table.
+    pub fn rotate(&self, x: &mut [f32], row: usize, style: RopeStyle) {
+        let cos = &self.cos[row * self.pairs..(row + 1) * self.pairs];
+        let sin = &self.sin[row * self.pairs..(row + 1) * self.pairs];
+        match style {
+            // Llama GGUFs: the converter permuted q/k so that pairs are adjacent values.
+            RopeStyle::Normal => {
+                for i in 0..self.pairs {
+                    let (a, b) = (x[2 * i], x[2 * i + 1]);
+                    x[2 * i] = a * cos[i] - b * sin[i];
+                    x[2 * i + 1] = a * sin[i] + b * cos[i];
+                }
+            }
+            // Qwen2 and HF-layout models: pair i is (i, i + rot_dims/2).
+            RopeStyle::Neox => {
+                let half = self.pairs;
+                for i in 0..half {
+                    let (a, b) = (x[i], x[i + half]);
+                    x[i] = a * cos[i] - b * sin[i];
+                    x[i + half] = a * sin[i] + b * cos[i];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_preserves_norm_and_matches_complex_multiplication() {
+        let mut t = RotaryTable::default();
+        t.fill(&[0, 7], &[1.0, 0.1], 1.0);
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        let mut y = x;
+        t.rotate(&mut y, 0, RopeStyle::Normal);
+        assert_eq!(y, x);
+        t.rotate(&mut y, 1, RopeStyle::Normal);
+        let (c, s) = (7f64.cos() as f32, 7f64.sin() as f32);
+        assert!((y[0] - (1.0 * c - 2.0 * s)).abs() < 1e-6);
+        assert!((y[1] - (1.0 * s + 2.0 * c)).abs() < 1e-6);
+        let mut z = x;
+        t.rotate(&mut z, 1, RopeStyle::Neox);
+        assert!((z[0] - (1.0 * c - 3.0 * s)).abs() < 1e-6);
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((norm(&y) - norm(&x)).abs() < 1e-4);
+    }
+}

@@ -1,1 +1,265 @@
-//! quant
+//! Weight matrices as GGUF stores them, and the matrix product the forward pass is made of.
+//!
+//! Activations are converted to the companion format ggml pairs with each weight type (Q8_1 for
+//! Q4_1, Q8_0 for Q4_0/Q8_0, Q8_K for K-quants, f16 for F16, bf16 for BF16) before the dot
+//! products, exactly as llama.cpp does: the logits then agree with llama.cpp's to rounding, which
+//! a float path would not.
+
+mod blocks;
+mod float;
+mod kquants;
+mod matmul;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
+use memmap2::Mmap;
+
+use crate::{Error, Result};
+
+pub use matmul::{matmul, ActCache, MatmulJob};
+
+/// Whether the AVX2 + FMA + F16C kernels run on this CPU.
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return x86::has_avx2();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// How the rows of a weight matrix are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+/// The format a row of activations is converted to before it meets a weight row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActType {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q8_1,
+    Q8K,
+}
+
+impl WeightType {
+    pub fn from_ggml(dtype: GgmlDType, tensor: &str) -> Result<Self> {
+        Ok(match dtype {
+            GgmlDType::F32 => Self::F32,
+            GgmlDType::F16 => Self::F16,
+            GgmlDType::BF16 => Self::BF16,
+            GgmlDType::Q4_0 => Self::Q4_0,
+            GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q5K => Self::Q5K,
+            GgmlDType::Q6K => Self::Q6K,
+            other => {
+                return Err(Error::UnsupportedWeightType {
+                    tensor: tensor.to_string(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        })
+    }
+
+    /// Values per block and bytes per block.
+    pub fn block(self) -> (usize, usize) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::BF16 => (1, 2),
+            Self::Q4_0 => (32, 18),
+            Self::Q4_1 => (32, 20),
+            Self::Q8_0 => (32, 34),
+            Self::Q4K => (256, 144),
+            Self::Q5K => (256, 176),
+            Self::Q6K => (256, 210),
+        }
+    }
+
+    pub fn act_type(self) -> ActType {
+        match self {
+            Self::F32 => ActType::F32,
+            Self::F16 => ActType::F16,
+            Self::BF16 => ActType::BF16,
+            Self::Q4_0 | Self::Q8_0 => ActType::Q8_0,
+            Self::Q4_1 => ActType::Q8_1,
+            Self::Q4K | Self::Q5K | Self::Q6K => ActType::Q8K,
+        }
+    }
+}
+
+impl ActType {
+    /// Values per block and bytes per block.
+    pub fn block(self) -> (usize, usize) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::BF16 => (1, 2),
+            Self::Q8_0 => (32, 34),
+            Self::Q8_1 => (32, 36),
+            Self::Q8K => (256, 292),
+        }
+    }
+
+    /// Bytes of one converted row of `cols` values, padded to 4 so every row starts aligned for
+    /// the f32 scale of Q8_K blocks.
+    pub fn row_stride(self, cols: usize) -> usize {
+        let (values, bytes) = self.block();
+        (cols / values * bytes).div_ceil(4) * 4
+    }
+}
+
+/// A span of the memory-mapped model file; keeps the map alive.
+#[derive(Clone)]
+pub struct MapSlice {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl MapSlice {
+    pub fn new(map: Arc<Mmap>, start: usize, len: usize) -> Self {
+        Self { map, start, len }
+    }
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+}
+
+/// A weight matrix `[rows, cols]` (one output per row), stored as in the file.
+#[derive(Clone)]
+pub struct Weight {
+    pub name: String,
+    pub wtype: WeightType,
+    pub rows: usize,
+    pub cols: usize,
+    data: MapSlice,
+}
+
+impl Weight {
+    pub fn new(name: &str, wtype: WeightType, rows: usize, cols: usize, data: MapSlice) -> Result<Self> {
+        let (values, bytes) = wtype.block();
+        if cols % values != 0 || data.len != rows * cols / values * bytes {
+            return Err(Error::BadShape {
+                name: name.to_string(),
+                expected: vec![rows, cols],
+                actual: vec![data.len],
+            });
+        }
+        Ok(Self {
+            name: name.to_string(),
+            wtype,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        let (values, bytes) = self.wtype.block();
+        self.cols / values * bytes
+    }
+
+    pub fn row(&self, r: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data.bytes()[r * n..(r + 1) * n]
+    }
+
+    /// Bytes the matrix occupies.
+    pub fn size_bytes(&self) -> usize {
+        self.data.len
+    }
+
+    /// Row `r` as f32 (embedding look-ups).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let row = self.row(r);
+        match self.wtype {
+            WeightType::F32 | WeightType::F16 | WeightType::BF16 => float::to_f32(self.wtype, row, out),
+            WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => blocks::dequantize(self.wtype, row, out),
+            WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => kquants::dequantize(self.wtype, row, out),
+        }
+    }
+}
+
+/// Rows of activations converted to one [`ActType`], reused across calls.
+#[derive(Default)]
+pub struct Activations {
+    data: Vec<u32>,
+    stride: usize,
+    rows: usize,
+    act: Option<ActType>,
+}
+
+impl Activations {
+    /// Converts `rows` rows of `cols` values from `x` (row-major).
+    pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize, act: ActType) {
+        let stride = act.row_stride(cols);
+        let words = rows * stride / 4;
+        if self.data.len() < words {
+            self.data.resize(words, 0);
+        }
+        self.stride = stride;
+        self.rows = rows;
+        self.act = Some(act);
+        let bytes = bytemuck_bytes_mut(&mut self.data[..words]);
+        for (src, dst) in x.chunks_exact(cols).zip(bytes.chunks_exact_mut(stride)) {
+            match act {
+                ActType::F32 | ActType::F16 | ActType::BF16 => float::from_f32(act, src, dst),
+                ActType::Q8_0 | ActType::Q8_1 => blocks::quantize_act(act, src, dst),
+                ActType::Q8K => kquants::quantize_act(src, dst),
+            }
+        }
+    }
+
+    pub fn row(&self, r: usize) -> &[u8] {
+        let bytes = bytemuck_bytes(&self.data);
+        &bytes[r * self.stride..(r + 1) * self.stride]
+    }
+
+    pub fn act(&self) -> Option<ActType> {
+        self.act
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+fn bytemuck_bytes(words: &[u32]) -> &[u8] {
+    // SAFETY: u32 has no padding and any byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), words.len() * 4) }
+}
+
+fn bytemuck_bytes_mut(words: &mut [u32]) -> &mut [u8] {
+    // SAFETY: as above, and the borrow is unique.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), words.len() * 4) }
+}
+
+/// Dot product of one weight row with one converted activation row.
+pub fn dot(wtype: WeightType, w: &[u8], a: &[u8], cols: usize) -> f32 {
+    match wtype {
+        WeightType::F32 | WeightType::F16 | WeightType::BF16 => float::dot(wtype, w, a, cols),
+        WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => blocks::dot(wtype, w, a, cols),
+        WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => kquants::dot(wtype, w, a, cols),
+    }
+}
+
+/// Four dot products of one weight row with four activation rows, reading the weight once.
+pub fn dot_x4(wtype: WeightType, w: &[u8], a: [&[u8]; 4], cols: usize) -> [f32; 4] {
+    match wtype {
+        WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => blocks::dot_x4(wtype, w, a, cols),
+        _ => a.map(|a| dot(wtype, w, a, cols)),
+    }
+}

@@ -1,0 +1,306 @@
+//! The llama-family forward pass (Llama 2/3, Mistral, SmolLM; Qwen2 adds q/k/v biases).
+//!
+//! Read top to bottom, it is the architecture diagram: embed, then per layer
+//! `x += Wo·attn(rope(Wq·norm(x)), cache)` and `x += Wdown·(silu(Wgate·norm(x)) ⊙ Wup·norm(x))`,
+//! then a final norm and the output projection. Shapes: T tokens in the chunk, E embedding,
+//! H/Hkv query/KV heads, D head size, F feed-forward size, V vocabulary.
+
+use crate::gguf::Gguf;
+use crate::kv::KvCache;
+use crate::model::attention::attend;
+use crate::model::config::{Architecture, Config};
+use crate::positions::RotaryTable;
+use crate::quant::{matmul, ActCache, MatmulJob, Weight};
+use crate::threads::{split_range, ThreadPool};
+use crate::{Error, Result};
+
+/// One transformer block's weights, named after their GGUF tensors.
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,   // [E]
+    pub attn_q: Weight,        // [H·D, E]
+    pub attn_k: Weight,        // [Hkv·D, E]
+    pub attn_v: Weight,        // [Hkv·D, E]
+    pub attn_q_bias: Option<Vec<f32>>,
+    pub attn_k_bias: Option<Vec<f32>>,
+    pub attn_v_bias: Option<Vec<f32>>,
+    pub attn_output: Weight,   // [E, H·D]
+    pub ffn_norm: Vec<f32>,    // [E]
+    pub ffn_gate: Weight,      // [F, E]
+    pub ffn_up: Weight,        // [F, E]
+    pub ffn_down: Weight,      // [E, F]
+}
+
+/// All weights of a model, mapped in place from the GGUF file.
+pub struct Weights {
+    pub token_embd: Weight, // [V, E]
+    pub layers: Vec<LayerWeights>,
+    pub output_norm: Vec<f32>, // [E]
+    /// `output.weight`, or `token_embd` when the embeddings are tied.
+    pub output: Weight, // [V, E]
+    /// `rope_freqs.weight`: per-pair frequency divisors (Llama 3.1+).
+    pub rope_freqs: Option<Vec<f32>>,
+}
+
+fn vector(g: &Gguf, name: &str, len: usize) -> Result<Vec<f32>> {
+    let w = g.weight(name)?;
+    if w.rows != 1 || w.cols != len {
+        return Err(Error::BadShape {
+            name: name.into(),
+            expected: vec![len],
+            actual: vec![w.rows, w.cols],
+        });
+    }
+    let mut out = vec![0f32; len];
+    w.dequantize_row(0, &mut out);
+    Ok(out)
+}
+
+fn matrix(g: &Gguf, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+    let w = g.weight(name)?;
+    if w.rows != rows || w.cols != cols {
+        return Err(Error::BadShape {
+            name: name.into(),
+            expected: vec![rows, cols],
+            actual: vec![w.rows, w.cols],
+        });
+    }
+    Ok(w)
+}
+
+impl Weights {
+    pub fn load(g: &Gguf, c: &Config) -> Result<Self> {
+        let (e, qd, kvd) = (c.n_embd, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
+        let biased = c.arch == Architecture::Qwen2;
+        let bias = |name: String, len| -> Result<Option<Vec<f32>>> {
+            if biased || g.has_tensor(&name) {
+                vector(g, &name, len).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let layers = (0..c.n_layer)
+            .map(|i| {
+                let p = |s: &str| format!("blk.{i}.{s}");
+                Ok(LayerWeights {
+                    attn_norm: vector(g, &p("attn_norm.weight"), e)?,
+                    attn_q: matrix(g, &p("attn_q.weight"), qd, e)?,
+                    attn_k: matrix(g, &p("attn_k.weight"), kvd, e)?,
+                    attn_v: matrix(g, &p("attn_v.weight"), kvd, e)?,
+                    attn_q_bias: bias(p("attn_q.bias"), qd)?,
+                    attn_k_bias: bias(p("attn_k.bias"), kvd)?,
+                    attn_v_bias: bias(p("attn_v.bias"), kvd)?,
+                    attn_output: matrix(g, &p("attn_output.weight"), e, qd)?,
+                    ffn_norm: vector(g, &p("ffn_norm.weight"), e)?,
+                    ffn_gate: matrix(g, &p("ffn_gate.weight"), c.n_ff, e)?,
+                    ffn_up: matrix(g, &p("ffn_up.weight"), c.n_ff, e)?,
+                    ffn_down: matrix(g, &p("ffn_down.weight"), e, c.n_ff)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let token_embd = matrix(g, "token_embd.weight", c.vocab, e)?;
+        let output = if g.has_tensor("output.weight") {
+            matrix(g, "output.weight", c.vocab, e)?
+        } else {
+            token_embd.clone()
+        };
+        let rope_freqs = if g.has_tensor("rope_freqs.weight") {
+            Some(vector(g, "rope_freqs.weight", c.rope_dims / 2)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            token_embd,
+            layers,
+            output_norm: vector(g, "output_norm.weight", e)?,
+            output,
+            rope_freqs,
+        })
+    }
+}
+
+/// Buffers of one forward call, allocated once per session for its largest chunk.
+pub struct Scratch {
+    x: Vec<f32>,     // [T, E] residual stream
+    xn: Vec<f32>,    // [T, E] normalised
+    q: Vec<f32>,     // [T, H·D]
+    k: Vec<f32>,     // [T, Hkv·D]
+    v: Vec<f32>,     // [T, Hkv·D]
+    att: Vec<f32>,   // [T, H·D]
+    tmp: Vec<f32>,   // [T, E]
+    gate: Vec<f32>,  // [T, F]
+    up: Vec<f32>,    // [T, F]
+    acts: ActCache,
+    /// One attention-score row per thread, as long as the cache.
+    scores: Vec<std::sync::Mutex<Vec<f32>>>,
+    pub rotary: RotaryTable,
+}
+
+impl Scratch {
+    pub fn new(c: &Config, max_tokens: usize, ctx: usize, threads: usize) -> Self {
+        let t = max_tokens;
+        Self {
+            x: vec![0.0; t * c.n_embd],
+            xn: vec![0.0; t * c.n_embd],
+            q: vec![0.0; t * c.n_head * c.head_dim],
+            k: vec![0.0; t * c.n_kv_head * c.head_dim],
+            v: vec![0.0; t * c.n_kv_head * c.head_dim],
+            att: vec![0.0; t * c.n_head * c.head_dim],
+            tmp: vec![0.0; t * c.n_embd],
+            gate: vec![0.0; t * c.n_ff],
+            up: vec![0.0; t * c.n_ff],
+            acts: ActCache::default(),
+            scores: (0..threads).map(|_| std::sync::Mutex::new(vec![0.0; ctx])).collect(),
+            rotary: RotaryTable::default(),
+        }
+    }
+}
+
+/// Runs `tokens` (already given cache slots `slots`, rotary table filled for their positions)
+/// through the model and writes logits of the chunk's tokens `logit_rows` into `logits`
+/// (`[logit_rows.len(), V]`).
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    w: &Weights,
+    c: &Config,
+    pool: &ThreadPool,
+    cache: &mut KvCache,
+    s: &mut Scratch,
+    tokens: &[u32],
+    slots: std::ops::Range<usize>,
+    logit_rows: std::ops::Range<usize>,
+    logits: &mut [f32],
+) {
+    let t = tokens.len();
+    let (e, hd, qd, kvd, ff) = (c.n_embd, c.head_dim, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_ff);
+    // token embeddings
+    for (i, &tok) in tokens.iter().enumerate() {
+        w.token_embd.dequantize_row(tok as usize, &mut s.x[i * e..(i + 1) * e]);
+    }
+    for (l, lw) in w.layers.iter().enumerate() {
+        // attention: project, rotate, cache, attend, project back
+        rms_norm(&s.x[..t * e], &lw.attn_norm, c.rms_eps, &mut s.xn[..t * e]);
+        matmul(pool, &mut s.acts, &s.xn[..t * e], t, &mut [
+            MatmulJob { weight: &lw.attn_q, out: &mut s.q[..t * qd] },
+            MatmulJob { weight: &lw.attn_k, out: &mut s.k[..t * kvd] },
+            MatmulJob { weight: &lw.attn_v, out: &mut s.v[..t * kvd] },
+        ]);
+        add_bias(&mut s.q[..t * qd], lw.attn_q_bias.as_deref());
+        add_bias(&mut s.k[..t * kvd], lw.attn_k_bias.as_deref());
+        add_bias(&mut s.v[..t * kvd], lw.attn_v_bias.as_deref());
+        for i in 0..t {
+            for h in s.q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
+                s.rotary.rotate(h, i, c.rope_style);
+            }
+            for h in s.k[i * kvd..(i + 1) * kvd].chunks_exact_mut(hd) {
+                s.rotary.rotate(h, i, c.rope_style);
+            }
+            for h in 0..c.n_kv_head {
+                let r = i * kvd + h * hd..i * kvd + (h + 1) * hd;
+                cache.write(l, h, slots.start + i, &s.k[r.clone()], &s.v[r]);
+            }
+        }
+        attention(c, pool, cache, l, slots.start, t, &s.q[..t * qd], &mut s.att[..t * qd], &s.scores);
+        matmul(pool, &mut s.acts, &s.att[..t * qd], t, &mut [MatmulJob { weight: &lw.attn_output, out: &mut s.tmp[..t * e] }]);
+        add_into(&mut s.x[..t * e], &s.tmp[..t * e]);
+        // feed-forward: SwiGLU
+        rms_norm(&s.x[..t * e], &lw.ffn_norm, c.rms_eps, &mut s.xn[..t * e]);
+        matmul(pool, &mut s.acts, &s.xn[..t * e], t, &mut [
+            MatmulJob { weight: &lw.ffn_gate, out: &mut s.gate[..t * ff] },
+            MatmulJob { weight: &lw.ffn_up, out: &mut s.up[..t * ff] },
+        ]);
+        silu_mul(pool, &mut s.gate[..t * ff], &s.up[..t * ff]);
+        matmul(pool, &mut s.acts, &s.gate[..t * ff], t, &mut [MatmulJob { weight: &lw.ffn_down, out: &mut s.tmp[..t * e] }]);
+        add_into(&mut s.x[..t * e], &s.tmp[..t * e]);
+    }
+    // output head, only for the rows whose logits are wanted
+    let rows = logit_rows.len();
+    if rows == 0 {
+        return;
+    }
+    let xs = &s.x[logit_rows.start * e..logit_rows.end * e];
+    rms_norm(xs, &w.output_norm, c.rms_eps, &mut s.xn[..rows * e]);
+    matmul(pool, &mut s.acts, &s.xn[..rows * e], rows, &mut [MatmulJob { weight: &w.output, out: logits }]);
+}
+
+/// ggml's RMSNorm: mean of squares accumulated in f64, then scaled and multiplied by the weight.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let e = weight.len();
+    for (xr, or) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
+        let mean = xr.iter().map(|&v| (v * v) as f64).sum::<f64>() / e as f64;
+        let scale = 1.0 / (mean as f32 + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(weight) {
+            *o = v * scale * g;
+        }
+    }
+}
+
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            add_into(row, b);
+        }
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+struct SyncPtr(*mut f32);
+// SAFETY: every thread writes a disjoint range (see the callers).
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// Taking the pointer through a method makes closures capture the `Sync` wrapper, not the
+    /// raw pointer field.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// gate ← silu(gate) ⊙ up, split across threads (a prefill chunk has millions of exps).
+fn silu_mul(pool: &ThreadPool, gate: &mut [f32], up: &[f32]) {
+    let len = gate.len();
+    let g = SyncPtr(gate.as_mut_ptr());
+    pool.for_ranges(len, &|r| {
+        // SAFETY: ranges from `for_ranges` are disjoint and inside `gate`.
+        let gate = unsafe { std::slice::from_raw_parts_mut(g.get().add(r.start), r.len()) };
+        for (a, &b) in gate.iter_mut().zip(&up[r]) {
+            *a = *a / (1.0 + (-*a).exp()) * b;
+        }
+    });
+}
+
+/// Every (query head, token) of the chunk attends over the slots up to its own.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    c: &Config,
+    pool: &ThreadPool,
+    cache: &KvCache,
+    layer: usize,
+    first_slot: usize,
+    t: usize,
+    q: &[f32],
+    out: &mut [f32],
+    scores: &[std::sync::Mutex<Vec<f32>>],
+) {
+    let (hd, group) = (c.head_dim, c.n_head / c.n_kv_head);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let pairs = c.n_head * t;
+    pool.run(&|index, n| {
+        let mut scratch = match scores[index].lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for pair in split_range(pairs, index, n) {
+            let (i, h) = (pair / c.n_head, pair % c.n_head);
+            let at = (i * c.n_head + h) * hd;
+            // SAFETY: each (token, head) pair owns its `hd` outputs and is handled by one thread.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(at), hd) };
+            attend(cache, layer, h / group, first_slot + i + 1, &q[at..at + hd], scale, &mut scratch, o);
+        }
+    });
+}

@@ -1,0 +1,64 @@
+//! The model's own RoPE (Su et al., "RoFormer", arXiv:2104.09864): θ_i = base^(−2i/d), divided
+//! per dimension by the GGUF's `rope_freqs` factors where present (Llama 3.1+) and by a linear
+//! scaling factor where the GGUF declares one.
+
+use super::PositionScheme;
+
+/// Which dimensions form a rotated pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent values (2i, 2i+1): llama-architecture GGUFs.
+    Normal,
+    /// Values i and i + d/2: Qwen2 and other NeoX-style models.
+    Neox,
+}
+
+/// RoPE exactly as the model file describes it.
+#[derive(Debug, Clone)]
+pub struct ModelRope {
+    pub base: f64,
+    /// Rotated dimensions per head (`rope.dimension_count`).
+    pub dims: usize,
+    /// Per-pair divisors from the `rope_freqs` tensor.
+    pub freq_factors: Option<Vec<f32>>,
+    /// Position Interpolation factor declared in the file (`rope.scaling.factor`), 1 if none.
+    pub linear_factor: f64,
+}
+
+impl PositionScheme for ModelRope {
+    fn frequencies(&self, _seq_len: usize) -> Vec<f64> {
+        (0..self.dims / 2)
+            .map(|i| {
+                let base_freq = self.base.powf(-2.0 * i as f64 / self.dims as f64);
+                let factor = self.freq_factors.as_ref().map_or(1.0, |f| f[i] as f64);
+                base_freq / factor / self.linear_factor
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frequencies_follow_the_roformer_formula() {
+        let rope = ModelRope {
+            base: 100000.0,
+            dims: 64,
+            freq_factors: None,
+            linear_factor: 1.0,
+        };
+        let f = rope.frequencies(0);
+        assert_eq!(f.len(), 32);
+        assert_eq!(f[0], 1.0);
+        // HF: inv_freq = 1 / base^(arange(0, d, 2) / d); pair 31 → base^(-62/64).
+        assert!((f[31] - 100000f64.powf(-62.0 / 64.0)).abs() < 1e-15);
+        let scaled = ModelRope {
+            freq_factors: Some(vec![2.0; 32]),
+            linear_factor: 4.0,
+            ..rope
+        };
+        assert!((scaled.frequencies(0)[1] * 8.0 - f[1]).abs() < 1e-15);
+    }
+}

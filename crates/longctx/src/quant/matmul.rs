@@ -1,0 +1,108 @@
+//! `out[t, r] = Σ_c x[t, c] · W[r, c]` for several weight matrices that share one input, split
+//! by output rows across the pool (one parallel region for q, k and v together, say).
+
+use super::{dot, dot_x4, ActType, Activations, Weight};
+use crate::threads::ThreadPool;
+
+/// Tokens processed per pass over a thread's weight rows: their converted activations
+/// (~20 KB for 32 tokens of 576 values) stay in L1 while the weights stream from L2.
+const TOKEN_TILE: usize = 32;
+
+/// One matrix of a [`matmul`] call and where its `[tokens, rows]` output goes.
+pub struct MatmulJob<'a> {
+    pub weight: &'a Weight,
+    pub out: &'a mut [f32],
+}
+
+/// Converted copies of the current input, one per activation format the weights need.
+#[derive(Default)]
+pub struct ActCache {
+    entries: Vec<Activations>,
+}
+
+impl ActCache {
+    fn get(&mut self, x: &[f32], tokens: usize, cols: usize, act: ActType, fresh: &mut Vec<ActType>) -> usize {
+        if let Some(i) = self.entries.iter().position(|e| e.act() == Some(act)) {
+            if !fresh.contains(&act) {
+                self.entries[i].quantize(x, tokens, cols, act);
+                fresh.push(act);
+            }
+            return i;
+        }
+        let mut a = Activations::default();
+        a.quantize(x, tokens, cols, act);
+        fresh.push(act);
+        self.entries.push(a);
+        self.entries.len() - 1
+    }
+}
+
+struct SyncPtr(*mut f32);
+// SAFETY: threads write disjoint rows of the outputs (see `matmul`).
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// Taking the pointer through a method makes closures capture the `Sync` wrapper, not the
+    /// raw pointer field.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Runs every job on input `x` (`[tokens, cols]`).
+pub fn matmul(pool: &ThreadPool, acts: &mut ActCache, x: &[f32], tokens: usize, jobs: &mut [MatmulJob]) {
+    let Some(first) = jobs.first() else { return };
+    let cols = first.weight.cols;
+    let mut fresh = Vec::new();
+    let act_index: Vec<usize> = jobs
+        .iter()
+        .map(|j| {
+            debug_assert_eq!(j.weight.cols, cols);
+            debug_assert_eq!(j.out.len(), tokens * j.weight.rows);
+            acts.get(x, tokens, cols, j.weight.wtype.act_type(), &mut fresh)
+        })
+        .collect();
+    let acts = &*acts;
+    let specs: Vec<(&Weight, SyncPtr, &Activations)> = jobs
+        .iter_mut()
+        .zip(&act_index)
+        .map(|(j, &a)| (j.weight, SyncPtr(j.out.as_mut_ptr()), &acts.entries[a]))
+        .collect();
+    let total: usize = specs.iter().map(|s| s.0.rows).sum();
+    pool.for_ranges(total, &|range| {
+        let mut base = 0;
+        for (weight, out, act) in &specs {
+            let (lo, hi) = (range.start.max(base), range.end.min(base + weight.rows));
+            if lo < hi {
+                rows(weight, act, tokens, (lo - base)..(hi - base), out);
+            }
+            base += weight.rows;
+        }
+    });
+}
+
+fn rows(weight: &Weight, act: &Activations, tokens: usize, range: std::ops::Range<usize>, out: &SyncPtr) {
+    let n = weight.rows;
+    let cols = weight.cols;
+    let store = |t: usize, r: usize, v: f32| {
+        // SAFETY: `t < tokens` and `r` lies in this thread's exclusive row range.
+        unsafe { *out.get().add(t * n + r) = v }
+    };
+    for t0 in (0..tokens).step_by(TOKEN_TILE) {
+        let t1 = (t0 + TOKEN_TILE).min(tokens);
+        for r in range.clone() {
+            let w = weight.row(r);
+            let mut t = t0;
+            while t + 4 <= t1 {
+                let y = dot_x4(weight.wtype, w, [act.row(t), act.row(t + 1), act.row(t + 2), act.row(t + 3)], cols);
+                for (i, v) in y.into_iter().enumerate() {
+                    store(t + i, r, v);
+                }
+                t += 4;
+            }
+            for t in t..t1 {
+                store(t, r, dot(weight.wtype, w, act.row(t), cols));
+            }
+        }
+    }
+}
