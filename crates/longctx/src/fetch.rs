@@ -109,16 +109,17 @@ pub fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
 pub fn resolve_model_with(config: &FetchConfig, spec: Option<&str>) -> Result<PathBuf> {
     let spec = spec.unwrap_or(DEFAULT_MODEL);
     let path = Path::new(spec);
-    if path.exists() {
-        return Ok(path.to_path_buf());
-    }
+    let missing = match fs::metadata(path) {
+        Ok(_) => return Ok(path.to_path_buf()),
+        Err(e) => e,
+    };
     if let Some(source) = known_model(spec) {
         return fetch_source(config, source);
     }
     if looks_like_path(spec) {
         return Err(Error::Io {
             path: path.to_path_buf(),
-            source: io::Error::from(io::ErrorKind::NotFound),
+            source: missing,
         });
     }
     Err(unknown_model(spec))
