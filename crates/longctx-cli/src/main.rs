@@ -1,1 +1,81 @@
-fn main() {}
+//! `longctx`: the command-line face of the library. Parsing and printing only; the work happens
+//! in the `longctx` crate.
+
+mod bench;
+mod common;
+mod fetch;
+mod run;
+mod tokenize;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "longctx",
+    version,
+    about = "Run GGUF language models locally and make their context window go further"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download a model by name into the cache (once) and print its path.
+    Fetch(fetch::Args),
+    /// Complete a prompt, streaming the text to stdout and the statistics to stderr.
+    Run(run::Args),
+    /// Print the token ids of a text as a JSON array.
+    Tokenize(tokenize::Args),
+    /// Measure prefill and decode speed, as llama-bench does.
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    install_panic_hook();
+    // candle captures a backtrace into its errors when RUST_BACKTRACE is set, and its messages
+    // then carry it; the user wants one sentence. Only the library's capture is turned off.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fetch(args) => fetch::main(args),
+        Command::Run(args) => run::main(args),
+        Command::Tokenize(args) => tokenize::main(args),
+        Command::Bench(args) => bench::main(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line, whatever the error's own formatting: scripts grep for `longctx: `.
+            // Library errors already name their cause, so the source chain is not repeated.
+            let message = err.to_string().replace('\n', " ");
+            eprintln!("longctx: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A panic is a bug in longctx, not the user's fault: say so in one line instead of a backtrace.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("unknown panic");
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "longctx: internal error ({what}{place}); this is a bug, please report it with the command that caused it"
+        );
+        std::process::exit(101);
+    }));
+}

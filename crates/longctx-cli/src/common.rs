@@ -1,0 +1,76 @@
+//! Options and steps shared by the subcommands.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use longctx::session::{KvDtype, Model, SessionOptions};
+
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// A .gguf file, or a model name to fetch on first use (default: smollm2).
+    #[arg(long, short, value_name = "PATH|NAME")]
+    pub model: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Arc<Model>> {
+        let spec = self.model.as_deref();
+        announce_fetch(spec);
+        let path = longctx::fetch::resolve_model(spec)?;
+        Ok(Model::load(&path)?)
+    }
+}
+
+/// Tells the user why the first run pauses: the model is being downloaded.
+pub fn announce_fetch(spec: Option<&str>) {
+    if let Some(name) = longctx::fetch::pending_download(spec) {
+        eprintln!("fetching {name} …");
+    }
+}
+
+#[derive(clap::Args)]
+pub struct EngineArgs {
+    /// Worker threads for the forward pass (default: all cores).
+    #[arg(long, short)]
+    pub threads: Option<usize>,
+    /// Tokens per prefill chunk.
+    #[arg(long, default_value_t = 512)]
+    pub chunk_size: usize,
+    /// Element type of the KV cache.
+    #[arg(long, value_enum, default_value_t = KvDtypeArg::F16)]
+    pub kv_dtype: KvDtypeArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum KvDtypeArg {
+    F16,
+    F32,
+}
+
+impl EngineArgs {
+    pub fn session_options(&self, n_ctx: usize) -> SessionOptions {
+        let defaults = SessionOptions::default();
+        SessionOptions {
+            n_ctx,
+            kv_dtype: match self.kv_dtype {
+                KvDtypeArg::F16 => KvDtype::F16,
+                KvDtypeArg::F32 => KvDtype::F32,
+            },
+            chunk_size: self.chunk_size,
+            threads: self.threads.unwrap_or(defaults.threads),
+        }
+    }
+}
+
+/// The text of `--file`, refusing binary files with a clearer word than "invalid UTF-8".
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|source| longctx::Error::Io {
+        path: PathBuf::from(path),
+        source,
+    })?;
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok(text),
+        Err(_) => bail!("{} is not UTF-8 text; pass a text file", path.display()),
+    }
+}

