@@ -12,9 +12,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle, Thread};
 
-/// Spins before a worker parks: long enough to cover the serial work between two regions of one
-/// forward pass, short enough that an idle session stops burning a core within a millisecond.
-const SPIN_LIMIT: u32 = 200_000;
+/// Spins before a waiting thread starts yielding its core: covers the serial work between two
+/// regions of one forward pass (a few microseconds) on an otherwise idle machine.
+const SPIN_LIMIT: u32 = 20_000;
+/// Yields before a worker parks. Yielding keeps wake-up cheap when the machine is oversubscribed
+/// (parallel tests, a benchmark beside a build), where spinning would steal the time slice of the
+/// very thread being waited for; parking afterwards makes an idle engine use no CPU.
+const YIELD_LIMIT: u32 = 2_000;
 
 type Job = dyn Fn(usize, usize) + Sync;
 
@@ -93,8 +97,14 @@ impl ThreadPool {
             }
         }
         let mine = catch_unwind(AssertUnwindSafe(|| job(0, n)));
+        let mut spins = 0u32;
         while self.shared.remaining.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+            if spins < SPIN_LIMIT {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                thread::yield_now();
+            }
         }
         if let Err(payload) = mine {
             std::panic::resume_unwind(payload);
@@ -140,6 +150,10 @@ fn worker_loop(shared: &Shared, index: usize, n: usize) {
             spins += 1;
             if spins < SPIN_LIMIT {
                 std::hint::spin_loop();
+                continue;
+            }
+            if spins < SPIN_LIMIT + YIELD_LIMIT {
+                thread::yield_now();
                 continue;
             }
             shared.sleeping[index].store(true, Ordering::SeqCst);
