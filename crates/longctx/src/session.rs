@@ -89,6 +89,9 @@ pub struct Session {
     next_position: i32,
     /// `[V]` logits of the last token fed.
     logits: Vec<f32>,
+    /// Reused per chunk so that decoding allocates nothing.
+    positions: Vec<i32>,
+    frequencies: Vec<f64>,
 }
 
 impl Session {
@@ -114,6 +117,8 @@ impl Session {
             scratch,
             scheme,
             next_position: 0,
+            positions: Vec::with_capacity(chunk),
+            frequencies: Vec::new(),
         })
     }
 
@@ -186,10 +191,11 @@ impl Session {
         let model = self.model.clone();
         let mut done = 0;
         for chunk in tokens.chunks(self.options.chunk_size) {
-            let positions: Vec<i32> = (0..chunk.len() as i32).map(|i| self.next_position + i).collect();
-            let slots = self.cache.push_slots(&positions)?;
-            let freqs = self.scheme.frequencies(self.cache.len());
-            self.scratch.rotary.fill(&positions, &freqs, self.scheme.attention_factor());
+            self.positions.clear();
+            self.positions.extend((0..chunk.len() as i32).map(|i| self.next_position + i));
+            let slots = self.cache.push_slots(&self.positions)?;
+            self.scheme.frequencies(self.cache.len(), &mut self.frequencies);
+            self.scratch.rotary.fill(&self.positions, &self.frequencies, self.scheme.attention_factor());
             let last = done + chunk.len() == tokens.len();
             let (rows, out): (std::ops::Range<usize>, &mut [f32]) = match all_logits.as_deref_mut() {
                 Some(all) => (0..chunk.len(), &mut all[done * vocab..(done + chunk.len()) * vocab]),

@@ -12,8 +12,9 @@ pub use rope::{ModelRope, RopeStyle};
 /// A way to turn positions into rotary angles.
 pub trait PositionScheme: Send + Sync {
     /// Angular frequency (radians per position) of each rotated dimension pair, `rot_dims / 2`
-    /// values, for a sequence currently `seq_len` tokens long (dynamic schemes depend on it).
-    fn frequencies(&self, seq_len: usize) -> Vec<f64>;
+    /// values written into `out`, for a sequence currently `seq_len` tokens long (dynamic schemes
+    /// depend on it). Writes into a caller's buffer so decoding allocates nothing.
+    fn frequencies(&self, seq_len: usize, out: &mut Vec<f64>);
     /// Factor on cos/sin (YaRN's mscale); the attention logits scale by its square.
     fn attention_factor(&self) -> f32 {
         1.0

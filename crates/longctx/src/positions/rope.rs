@@ -26,14 +26,13 @@ pub struct ModelRope {
 }
 
 impl PositionScheme for ModelRope {
-    fn frequencies(&self, _seq_len: usize) -> Vec<f64> {
-        (0..self.dims / 2)
-            .map(|i| {
+    fn frequencies(&self, _seq_len: usize, out: &mut Vec<f64>) {
+        out.clear();
+        out.extend((0..self.dims / 2).map(|i| {
                 let base_freq = self.base.powf(-2.0 * i as f64 / self.dims as f64);
                 let factor = self.freq_factors.as_ref().map_or(1.0, |f| f[i] as f64);
-                base_freq / factor / self.linear_factor
-            })
-            .collect()
+            base_freq / factor / self.linear_factor
+        }));
     }
 }
 
@@ -49,7 +48,8 @@ mod tests {
             freq_factors: None,
             linear_factor: 1.0,
         };
-        let f = rope.frequencies(0);
+        let mut f = Vec::new();
+        rope.frequencies(0, &mut f);
         assert_eq!(f.len(), 32);
         assert_eq!(f[0], 1.0);
         // HF: inv_freq = 1 / base^(arange(0, d, 2) / d); pair 31 → base^(-62/64).
@@ -59,6 +59,8 @@ mod tests {
             linear_factor: 4.0,
             ..rope
         };
-        assert!((scaled.frequencies(0)[1] * 8.0 - f[1]).abs() < 1e-15);
+        let mut g = Vec::new();
+        scaled.frequencies(0, &mut g);
+        assert!((g[1] * 8.0 - f[1]).abs() < 1e-15);
     }
 }

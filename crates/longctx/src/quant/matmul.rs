@@ -14,6 +14,9 @@ pub struct MatmulJob<'a> {
     pub out: &'a mut [f32],
 }
 
+/// Most matrices one [`matmul`] call takes (q, k and v share one call).
+pub const MAX_JOBS: usize = 4;
+
 /// Converted copies of the current input, one per activation format the weights need.
 #[derive(Default)]
 pub struct ActCache {
@@ -21,19 +24,23 @@ pub struct ActCache {
 }
 
 impl ActCache {
-    fn get(&mut self, x: &[f32], tokens: usize, cols: usize, act: ActType, fresh: &mut Vec<ActType>) -> usize {
-        if let Some(i) = self.entries.iter().position(|e| e.act() == Some(act)) {
-            if !fresh.contains(&act) {
-                self.entries[i].quantize(x, tokens, cols, act);
-                fresh.push(act);
+    /// Index of the entry holding `x` converted to `act`, converting it unless `fresh` says this
+    /// call already did.
+    fn get(&mut self, x: &[f32], tokens: usize, cols: usize, act: ActType, fresh: &mut [Option<ActType>; MAX_JOBS]) -> usize {
+        let index = match self.entries.iter().position(|e| e.act() == Some(act)) {
+            Some(i) => i,
+            None => {
+                self.entries.push(Activations::default());
+                self.entries.len() - 1
             }
-            return i;
+        };
+        if !fresh.contains(&Some(act)) {
+            self.entries[index].quantize(x, tokens, cols, act);
+            if let Some(slot) = fresh.iter_mut().find(|f| f.is_none()) {
+                *slot = Some(act);
+            }
         }
-        let mut a = Activations::default();
-        a.quantize(x, tokens, cols, act);
-        fresh.push(act);
-        self.entries.push(a);
-        self.entries.len() - 1
+        index
     }
 }
 
@@ -49,32 +56,31 @@ impl SyncPtr {
     }
 }
 
-/// Runs every job on input `x` (`[tokens, cols]`).
+/// Runs every job (at most [`MAX_JOBS`]) on input `x` (`[tokens, cols]`). Allocates nothing once
+/// the activation buffers have grown to the largest input.
 pub fn matmul(pool: &ThreadPool, acts: &mut ActCache, x: &[f32], tokens: usize, jobs: &mut [MatmulJob]) {
+    assert!(jobs.len() <= MAX_JOBS, "matmul takes at most {MAX_JOBS} matrices");
     let Some(first) = jobs.first() else { return };
     let cols = first.weight.cols;
-    let mut fresh = Vec::new();
-    let act_index: Vec<usize> = jobs
-        .iter()
-        .map(|j| {
-            debug_assert_eq!(j.weight.cols, cols);
-            debug_assert_eq!(j.out.len(), tokens * j.weight.rows);
-            acts.get(x, tokens, cols, j.weight.wtype.act_type(), &mut fresh)
-        })
-        .collect();
+    let mut fresh = [None; MAX_JOBS];
+    let mut act_index = [0usize; MAX_JOBS];
+    for (j, slot) in jobs.iter().zip(act_index.iter_mut()) {
+        debug_assert_eq!(j.weight.cols, cols);
+        debug_assert_eq!(j.out.len(), tokens * j.weight.rows);
+        *slot = acts.get(x, tokens, cols, j.weight.wtype.act_type(), &mut fresh);
+    }
     let acts = &*acts;
-    let specs: Vec<(&Weight, SyncPtr, &Activations)> = jobs
-        .iter_mut()
-        .zip(&act_index)
-        .map(|(j, &a)| (j.weight, SyncPtr(j.out.as_mut_ptr()), &acts.entries[a]))
-        .collect();
-    let total: usize = specs.iter().map(|s| s.0.rows).sum();
+    let n = jobs.len();
+    let outs: [SyncPtr; MAX_JOBS] = std::array::from_fn(|i| SyncPtr(jobs.get_mut(i).map_or(std::ptr::null_mut(), |j| j.out.as_mut_ptr())));
+    let weights: [Option<&Weight>; MAX_JOBS] = std::array::from_fn(|i| jobs.get(i).map(|j| j.weight));
+    let total: usize = weights.iter().flatten().map(|w| w.rows).sum();
     pool.for_ranges(total, &|range| {
         let mut base = 0;
-        for (weight, out, act) in &specs {
+        for i in 0..n {
+            let Some(weight) = weights[i] else { continue };
             let (lo, hi) = (range.start.max(base), range.end.min(base + weight.rows));
             if lo < hi {
-                rows(weight, act, tokens, (lo - base)..(hi - base), out);
+                rows(weight, &acts.entries[act_index[i]], tokens, (lo - base)..(hi - base), &outs[i]);
             }
             base += weight.rows;
         }
