@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use longctx::session::Session;
 
-use crate::common::{EngineArgs, ModelArgs};
+use crate::common::{print_out, EngineArgs, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -80,12 +80,12 @@ pub fn main(args: Args) -> Result<()> {
         gen_tokens: args.gen_tokens,
         depth: args.depth,
     };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+    let text = if args.json {
+        serde_json::to_string(&report)?
     } else {
-        report.print_table(args.repetitions);
-    }
-    Ok(())
+        report.table(args.repetitions)
+    };
+    print_out(&text)
 }
 
 #[derive(serde::Serialize)]
@@ -101,33 +101,36 @@ struct Report {
 }
 
 impl Report {
-    fn print_table(&self, repetitions: usize) {
+    fn table(&self, repetitions: usize) -> String {
         let at_depth = if self.depth > 0 {
             format!(" @ depth {}", self.depth)
         } else {
             String::new()
         };
-        println!("| test | tok/s (median of {repetitions}) |");
-        println!("|---|---:|");
+        let mut lines = vec![
+            format!("| test | tok/s (median of {repetitions}) |"),
+            "|---|---:|".to_string(),
+        ];
         if self.prompt_tokens > 0 {
-            println!(
+            lines.push(format!(
                 "| prefill {}{at_depth} | {:.1} |",
                 self.prompt_tokens, self.prefill_tok_s
-            );
+            ));
         }
         if self.gen_tokens > 0 {
-            println!(
+            lines.push(format!(
                 "| decode {}{at_depth} | {:.1} |",
                 self.gen_tokens, self.decode_tok_s
-            );
+            ));
         }
-        println!();
-        println!(
+        lines.push(String::new());
+        lines.push(format!(
             "threads {}, kv cache {:.1} MiB, peak RSS {:.1} MiB",
             self.threads,
             self.kv_bytes as f64 / (1024.0 * 1024.0),
             self.peak_rss_bytes as f64 / (1024.0 * 1024.0)
-        );
+        ));
+        lines.join("\n")
     }
 }
 

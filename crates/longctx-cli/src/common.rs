@@ -1,5 +1,6 @@
 //! Options and steps shared by the subcommands.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -72,5 +73,17 @@ pub fn read_text(path: &Path) -> Result<String> {
     match String::from_utf8(bytes) {
         Ok(text) => Ok(text),
         Err(_) => bail!("{} is not UTF-8 text; pass a text file", path.display()),
+    }
+}
+
+/// Prints `text` and a newline to stdout. A reader that has gone away (`longctx … | head`)
+/// is not an error; `println!` would panic there.
+pub fn print_out(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            bail!("cannot write to stdout: {e}")
+        }
+        _ => Ok(()),
     }
 }

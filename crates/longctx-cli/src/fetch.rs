@@ -1,6 +1,6 @@
 use anyhow::Result;
 
-use crate::common::announce_fetch;
+use crate::common::{announce_fetch, print_out};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -12,6 +12,5 @@ pub struct Args {
 pub fn main(args: Args) -> Result<()> {
     announce_fetch(Some(&args.name));
     let path = longctx::fetch::fetch(&args.name)?;
-    println!("{}", path.display());
-    Ok(())
+    print_out(&path.display().to_string())
 }

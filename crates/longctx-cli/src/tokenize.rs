@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::common::{read_text, ModelArgs};
+use crate::common::{print_out, read_text, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -33,6 +33,5 @@ pub fn main(args: Args) -> Result<()> {
     // As llama.cpp's tokenizer tool does: the model decides about BOS, and special-token text
     // in the input becomes the special token.
     let ids = model.tokenizer.encode(&text, true, true)?;
-    println!("{}", serde_json::to_string(&ids)?);
-    Ok(())
+    print_out(&serde_json::to_string(&ids)?)
 }
