@@ -9,7 +9,9 @@
 //!
 //! Decoding mirrors llama.cpp's `llama_detokenize` with `remove_special = false` and
 //! `unparse_special = false`: control and unknown tokens (BOS, `<|im_end|>`, ...) render as nothing,
-//! user-defined tokens as their text. [`StreamDecoder`] gives the same text id by id.
+//! user-defined tokens as their text. [`StreamDecoder`] gives the text id by id, without the two
+//! steps that only make sense for a whole text: removing the first token's SentencePiece space and
+//! tidying spaces before punctuation.
 
 mod bpe;
 mod pretokenize;

@@ -370,7 +370,7 @@ fn numbers(value: &MetaValue, key: &str, n: usize) -> Result<Vec<f32>> {
         .collect()
 }
 
-pub(crate) fn int(value: &MetaValue, key: &str) -> Result<i64> {
+fn int(value: &MetaValue, key: &str) -> Result<i64> {
     Ok(match value {
         MetaValue::U8(x) => i64::from(*x),
         MetaValue::I8(x) => i64::from(*x),
