@@ -1,9 +1,13 @@
 //! The 32-value block formats (Q4_0, Q4_1, Q8_0 weights; Q8_0, Q8_1 activations): scalar
 //! reference code, and dispatch to the SIMD kernels in `x86.rs` when the CPU has them.
 //!
-//! Layouts (ggml's): Q4_0 = f16 d, 16 bytes of nibbles (value = d·(q−8)); Q4_1 = f16 d, f16 m,
-//! 16 bytes of nibbles (value = d·q + m); Q8_0 = f16 d, 32 i8; Q8_1 = f16 d, f16 s = d·Σq, 32 i8.
-//! Nibble j of a block holds value j in its low half and value j+16 in its high half.
+//! Weight layouts (ggml's): Q4_0 = f16 d, 16 bytes of nibbles (value = d·(q−8)); Q4_1 = f16 d,
+//! f16 m, 16 bytes of nibbles (value = d·q + m); Q8_0 = f16 d, 32 i8. Nibble j of a block holds
+//! value j in its low half and value j+16 in its high half.
+//!
+//! Activation rows (ours): all i8 values of the row, then one f32 scale d per block, then for
+//! Q8_1 one f32 s = d·Σq per block. The scales hold exactly the f16-rounded values ggml stores,
+//! so the arithmetic is ggml's, but the kernels read them without conversion.
 
 use half::f16;
 
@@ -13,28 +17,34 @@ pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-fn put_f16(b: &mut [u8], at: usize, v: f32) {
-    b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+fn round_f16(v: f32) -> f32 {
+    f16::from_f32(v).to_f32()
+}
+
+pub(super) fn f32_at(b: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 /// Converts activations as ggml's quantize_row_q8_0/q8_1 do: scale by 127/amax, round half to
 /// even (the rounding its AVX path uses).
 pub(super) fn quantize_act(act: ActType, x: &[f32], out: &mut [u8]) {
-    let block_bytes = act.block().1;
-    for (xb, ob) in x.chunks_exact(32).zip(out.chunks_exact_mut(block_bytes)) {
+    let cols = x.len();
+    let blocks = cols / 32;
+    let (qs, scales) = out.split_at_mut(cols);
+    for (b, xb) in x.chunks_exact(32).enumerate() {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let qs_at = if act == ActType::Q8_1 { 4 } else { 2 };
         let mut sum = 0i32;
         for (i, v) in xb.iter().enumerate() {
             let q = (v * id).round_ties_even() as i32;
             sum += q;
-            ob[qs_at + i] = q as i8 as u8;
+            qs[b * 32 + i] = q as i8 as u8;
         }
-        put_f16(ob, 0, d);
+        scales[4 * b..4 * b + 4].copy_from_slice(&round_f16(d).to_le_bytes());
         if act == ActType::Q8_1 {
-            put_f16(ob, 2, d * sum as f32);
+            let at = 4 * (blocks + b);
+            scales[at..at + 4].copy_from_slice(&round_f16(d * sum as f32).to_le_bytes());
         }
     }
 }
@@ -68,33 +78,35 @@ pub(super) fn dequantize(wtype: WeightType, w: &[u8], out: &mut [f32]) {
 
 /// Scalar reference: the oracle for the SIMD kernels and the path on CPUs without them.
 pub(super) fn dot_scalar(wtype: WeightType, w: &[u8], a: &[u8], cols: usize) -> f32 {
-    let (wb, ab) = (wtype.block().1, wtype.act_type().block().1);
+    let wb = wtype.block().1;
+    let blocks = cols / 32;
     let mut sum = 0f32;
-    for i in 0..cols / 32 {
-        let (b, x) = (&w[i * wb..(i + 1) * wb], &a[i * ab..(i + 1) * ab]);
+    for i in 0..blocks {
+        let b = &w[i * wb..(i + 1) * wb];
+        let x = &a[i * 32..(i + 1) * 32];
         let dw = f16_at(b, 0);
-        let dx = f16_at(x, 0);
+        let dx = f32_at(a, cols + 4 * i);
         match wtype {
             WeightType::Q4_0 => {
                 let mut s = 0i32;
                 for j in 0..16 {
-                    s += ((b[2 + j] & 15) as i32 - 8) * (x[2 + j] as i8) as i32;
-                    s += ((b[2 + j] >> 4) as i32 - 8) * (x[18 + j] as i8) as i32;
+                    s += ((b[2 + j] & 15) as i32 - 8) * (x[j] as i8) as i32;
+                    s += ((b[2 + j] >> 4) as i32 - 8) * (x[16 + j] as i8) as i32;
                 }
                 sum += dw * dx * s as f32;
             }
             WeightType::Q4_1 => {
                 let mut s = 0i32;
                 for j in 0..16 {
-                    s += (b[4 + j] & 15) as i32 * (x[4 + j] as i8) as i32;
-                    s += (b[4 + j] >> 4) as i32 * (x[20 + j] as i8) as i32;
+                    s += (b[4 + j] & 15) as i32 * (x[j] as i8) as i32;
+                    s += (b[4 + j] >> 4) as i32 * (x[16 + j] as i8) as i32;
                 }
-                sum += dw * dx * s as f32 + f16_at(b, 2) * f16_at(x, 2);
+                sum += dw * dx * s as f32 + f16_at(b, 2) * f32_at(a, cols + 4 * (blocks + i));
             }
             _ => {
                 let mut s = 0i32;
                 for j in 0..32 {
-                    s += (b[2 + j] as i8) as i32 * (x[2 + j] as i8) as i32;
+                    s += (b[2 + j] as i8) as i32 * (x[j] as i8) as i32;
                 }
                 sum += dw * dx * s as f32;
             }
@@ -156,9 +168,10 @@ mod tests {
                     }
                 }
                 _ => {
-                    let mut q = vec![0u8; 34];
+                    let mut q = vec![0u8; 36];
                     quantize_act(ActType::Q8_0, b, &mut q);
-                    out.extend_from_slice(&q);
+                    out.extend_from_slice(&f16::from_f32(f32_at(&q, 32)).to_le_bytes());
+                    out.extend_from_slice(&q[..32]);
                 }
             }
         }
@@ -205,13 +218,14 @@ mod tests {
     #[test]
     fn q8_1_sum_term_is_scale_times_sum() {
         let x = pseudo_random(32, 3);
-        let mut q = vec![0u8; 36];
+        let mut q = vec![0u8; 40];
         quantize_act(ActType::Q8_1, &x, &mut q);
-        let d = f16_at(&q, 0);
-        let s: i32 = q[4..].iter().map(|&b| b as i8 as i32).sum();
-        assert!((f16_at(&q, 2) - d * s as f32).abs() < 1e-3);
+        let d = f32_at(&q, 32);
+        let s: i32 = q[..32].iter().map(|&b| b as i8 as i32).sum();
+        assert!((f32_at(&q, 36) - d * s as f32).abs() < 1e-3);
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(q[4..].iter().any(|&b| (b as i8).unsigned_abs() == 127));
+        assert!(q[..32].iter().any(|&b| (b as i8).unsigned_abs() == 127));
         assert!((d - amax / 127.0).abs() < 1e-5);
+        assert_eq!(d, round_f16(d), "scales carry ggml's f16 rounding");
     }
 }

@@ -114,10 +114,18 @@ impl ActType {
     }
 
     /// Bytes of one converted row of `cols` values, padded to 4 so every row starts aligned for
-    /// the f32 scale of Q8_K blocks.
+    /// f32 scales.
     pub fn row_stride(self, cols: usize) -> usize {
-        let (values, bytes) = self.block();
-        (cols / values * bytes).div_ceil(4) * 4
+        match self {
+            // Our own layout, not ggml's: all 8-bit values first, then the f32 scales (and sums),
+            // so the kernels read scales without converting from f16 in the inner loop.
+            Self::Q8_0 => cols + cols / 32 * 4,
+            Self::Q8_1 => cols + cols / 32 * 8,
+            _ => {
+                let (values, bytes) = self.block();
+                (cols / values * bytes).div_ceil(4) * 4
+            }
+        }
     }
 }
 
