@@ -14,12 +14,18 @@ pub enum Error {
     },
     #[error("{path} is not a GGUF file ({detail}); pass a .gguf model file or a model name such as `smollm2`")]
     NotGguf { path: PathBuf, detail: String },
-    #[error("{path} is truncated: {detail}; the download or copy was cut short, fetch the model again")]
+    #[error(
+        "{path} is truncated: {detail}; the download or copy was cut short, fetch the model again"
+    )]
     Truncated { path: PathBuf, detail: String },
     #[error("unsupported model architecture `{0}`; longctx runs `llama` (Llama 2/3, Mistral, SmolLM) and `qwen2` models")]
     UnsupportedArchitecture(String),
-    #[error("tensor `{tensor}` has weight type {dtype}, which longctx does not support; use a GGUF quantized as F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K")]
-    UnsupportedWeightType { tensor: String, dtype: String },
+    #[error("{tensor} uses weight type {dtype}, which longctx does not support; use a GGUF quantized as F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K")]
+    UnsupportedWeightType {
+        /// "tensor `name`", or "a tensor" when the header names the type before the tensor.
+        tensor: String,
+        dtype: String,
+    },
     #[error("the model file is missing {0}; the GGUF was written by an incompatible converter, re-convert it with a current llama.cpp")]
     MissingMetadata(String),
     #[error("tensor `{name}` has shape {actual:?} but the model configuration needs {expected:?}; the GGUF is inconsistent")]

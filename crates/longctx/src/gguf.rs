@@ -55,7 +55,8 @@ impl Gguf {
             });
         }
         let mut cursor = std::io::Cursor::new(&map[..]);
-        let content = Content::read(&mut cursor).map_err(|e| header_error(path, &e.to_string()))?;
+        let content = Content::read(&mut cursor)
+            .map_err(|e| header_error(path, &without_backtrace(e).to_string()))?;
         let gguf = Self {
             path: path.to_path_buf(),
             content,
@@ -151,7 +152,10 @@ impl Gguf {
     fn extent(&self, info: &candle_core::quantized::gguf_file::TensorInfo) -> (usize, usize) {
         let elems = info.shape.elem_count();
         let len = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-        ((self.content.tensor_data_offset + info.offset) as usize, len)
+        (
+            (self.content.tensor_data_offset + info.offset) as usize,
+            len,
+        )
     }
 
     fn check_tensor_extents(&self) -> Result<()> {
@@ -182,11 +186,48 @@ impl Gguf {
     }
 }
 
+/// candle attaches a backtrace to its errors when `RUST_BACKTRACE` is set; a user needs the
+/// message only.
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        other => other,
+    }
+}
+
+/// ggml's names for the type ids candle does not know, so the message names the format.
+fn ggml_type_name(id: u32) -> &'static str {
+    match id {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "an unknown type",
+    }
+}
+
 fn header_error(path: &Path, message: &str) -> Error {
-    if message.contains("unknown dtype") {
+    if let Some(id) = message.strip_prefix("unknown dtype for tensor ") {
+        let id = id.trim();
         return Error::UnsupportedWeightType {
-            tensor: "(in the header)".into(),
-            dtype: message.trim_start_matches("unknown dtype for tensor ").to_string(),
+            tensor: "a tensor".into(),
+            dtype: format!(
+                "{} (ggml type {id})",
+                ggml_type_name(id.parse().unwrap_or(u32::MAX))
+            ),
         };
     }
     if message.contains("failed to fill whole buffer")

@@ -97,13 +97,21 @@ pub struct Session {
 impl Session {
     pub fn new(model: Arc<Model>, options: SessionOptions) -> Result<Self> {
         if options.chunk_size == 0 {
-            return Err(Error::InvalidOption("the chunk size must be at least 1 token".into()));
+            return Err(Error::InvalidOption(
+                "the chunk size must be at least 1 token".into(),
+            ));
         }
         if options.threads == 0 {
-            return Err(Error::InvalidOption("the thread count must be at least 1".into()));
+            return Err(Error::InvalidOption(
+                "the thread count must be at least 1".into(),
+            ));
         }
         let c = &model.config;
-        let n_ctx = if options.n_ctx == 0 { model.trained_ctx } else { options.n_ctx };
+        let n_ctx = if options.n_ctx == 0 {
+            model.trained_ctx
+        } else {
+            options.n_ctx
+        };
         let cache = KvCache::new(options.kv_dtype, c.n_layer, c.n_kv_head, c.head_dim, n_ctx);
         let chunk = options.chunk_size.min(n_ctx);
         let scratch = Scratch::new(c, chunk, n_ctx, options.threads);
@@ -112,7 +120,11 @@ impl Session {
             pool: ThreadPool::new(options.threads),
             logits: vec![0.0; c.vocab],
             model,
-            options: SessionOptions { n_ctx, chunk_size: chunk, ..options },
+            options: SessionOptions {
+                n_ctx,
+                chunk_size: chunk,
+                ..options
+            },
             cache,
             scratch,
             scheme,
@@ -192,22 +204,43 @@ impl Session {
         let mut done = 0;
         for chunk in tokens.chunks(self.options.chunk_size) {
             self.positions.clear();
-            self.positions.extend((0..chunk.len() as i32).map(|i| self.next_position + i));
+            self.positions
+                .extend((0..chunk.len() as i32).map(|i| self.next_position + i));
             let slots = self.cache.push_slots(&self.positions)?;
-            self.scheme.frequencies(self.cache.len(), &mut self.frequencies);
-            self.scratch.rotary.fill(&self.positions, &self.frequencies, self.scheme.attention_factor());
+            self.scheme
+                .frequencies(self.cache.len(), &mut self.frequencies);
+            self.scratch.rotary.fill(
+                &self.positions,
+                &self.frequencies,
+                self.scheme.attention_factor(),
+            );
             let last = done + chunk.len() == tokens.len();
-            let (rows, out): (std::ops::Range<usize>, &mut [f32]) = match all_logits.as_deref_mut() {
-                Some(all) => (0..chunk.len(), &mut all[done * vocab..(done + chunk.len()) * vocab]),
+            let (rows, out): (std::ops::Range<usize>, &mut [f32]) = match all_logits.as_deref_mut()
+            {
+                Some(all) => (
+                    0..chunk.len(),
+                    &mut all[done * vocab..(done + chunk.len()) * vocab],
+                ),
                 None if last => (chunk.len() - 1..chunk.len(), &mut self.logits[..]),
                 None => (0..0, &mut []),
             };
-            forward(&model.weights, &model.config, &self.pool, &mut self.cache, &mut self.scratch, chunk, slots, rows, out);
+            forward(
+                &model.weights,
+                &model.config,
+                &self.pool,
+                &mut self.cache,
+                &mut self.scratch,
+                chunk,
+                slots,
+                rows,
+                out,
+            );
             self.next_position += chunk.len() as i32;
             done += chunk.len();
         }
         if let Some(all) = all_logits {
-            self.logits.copy_from_slice(&all[(tokens.len() - 1) * vocab..]);
+            self.logits
+                .copy_from_slice(&all[(tokens.len() - 1) * vocab..]);
         }
         Ok(())
     }

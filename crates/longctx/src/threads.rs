@@ -157,7 +157,8 @@ fn worker_loop(shared: &Shared, index: usize, n: usize) {
                 continue;
             }
             shared.sleeping[index].store(true, Ordering::SeqCst);
-            if shared.epoch.load(Ordering::SeqCst) == seen && !shared.shutdown.load(Ordering::SeqCst)
+            if shared.epoch.load(Ordering::SeqCst) == seen
+                && !shared.shutdown.load(Ordering::SeqCst)
             {
                 thread::park();
             }

@@ -75,7 +75,13 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(dtype: KvDtype, n_layer: usize, n_kv_head: usize, head_dim: usize, capacity: usize) -> Self {
+    pub fn new(
+        dtype: KvDtype,
+        n_layer: usize,
+        n_kv_head: usize,
+        head_dim: usize,
+        capacity: usize,
+    ) -> Self {
         let n = n_layer * n_kv_head * capacity * head_dim;
         Self {
             dtype,
@@ -153,7 +159,8 @@ impl KvCache {
             for head in 0..self.n_kv_head {
                 for (to, &from) in keep.iter().enumerate() {
                     if to != from {
-                        let (src, dst) = (self.offset(layer, head, from), self.offset(layer, head, to));
+                        let (src, dst) =
+                            (self.offset(layer, head, from), self.offset(layer, head, to));
                         self.k.copy_within(src, dst, self.head_dim);
                         self.v.copy_within(src, dst, self.head_dim);
                     }
@@ -200,6 +207,9 @@ mod tests {
     fn a_full_cache_refuses_more_tokens() {
         let mut c = KvCache::new(KvDtype::F16, 1, 1, 2, 2);
         c.push_slots(&[0, 1]).unwrap();
-        assert!(matches!(c.push_slots(&[2]), Err(Error::ContextOverflow { .. })));
+        assert!(matches!(
+            c.push_slots(&[2]),
+            Err(Error::ContextOverflow { .. })
+        ));
     }
 }

@@ -45,13 +45,17 @@ impl Config {
         let key = |k: &str| format!("{arch_name}.{k}");
         let n_embd = g.get_usize(&key("embedding_length"))?;
         let n_head = g.get_usize(&key("attention.head_count"))?;
-        let n_kv_head = g.get_usize(&key("attention.head_count_kv")).unwrap_or(n_head);
+        let n_kv_head = g
+            .get_usize(&key("attention.head_count_kv"))
+            .unwrap_or(n_head);
         if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
             return Err(Error::MissingMetadata(format!(
                 "a valid head layout (found {n_head} query heads and {n_kv_head} KV heads)"
             )));
         }
-        let head_dim = g.get_usize(&key("attention.key_length")).unwrap_or(n_embd / n_head);
+        let head_dim = g
+            .get_usize(&key("attention.key_length"))
+            .unwrap_or(n_embd / n_head);
         if let Ok(sliding) = g.get_usize(&key("attention.sliding_window")) {
             return Err(Error::InvalidOption(format!(
                 "this model uses sliding-window attention ({sliding} tokens), which longctx does not implement yet"
@@ -79,7 +83,9 @@ impl Config {
             vocab: g.get_usize(&key("vocab_size")).unwrap_or(token_embd_rows),
             rms_eps: g.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
             rope_base: g.get_f32(&key("rope.freq_base")).unwrap_or(10000.0) as f64,
-            rope_dims: g.get_usize(&key("rope.dimension_count")).unwrap_or(head_dim),
+            rope_dims: g
+                .get_usize(&key("rope.dimension_count"))
+                .unwrap_or(head_dim),
             rope_style: match arch {
                 Architecture::Llama => RopeStyle::Normal,
                 Architecture::Qwen2 => RopeStyle::Neox,

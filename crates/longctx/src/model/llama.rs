@@ -16,18 +16,18 @@ use crate::{Error, Result};
 
 /// One transformer block's weights, named after their GGUF tensors.
 pub struct LayerWeights {
-    pub attn_norm: Vec<f32>,   // [E]
-    pub attn_q: Weight,        // [H·D, E]
-    pub attn_k: Weight,        // [Hkv·D, E]
-    pub attn_v: Weight,        // [Hkv·D, E]
+    pub attn_norm: Vec<f32>, // [E]
+    pub attn_q: Weight,      // [H·D, E]
+    pub attn_k: Weight,      // [Hkv·D, E]
+    pub attn_v: Weight,      // [Hkv·D, E]
     pub attn_q_bias: Option<Vec<f32>>,
     pub attn_k_bias: Option<Vec<f32>>,
     pub attn_v_bias: Option<Vec<f32>>,
-    pub attn_output: Weight,   // [E, H·D]
-    pub ffn_norm: Vec<f32>,    // [E]
-    pub ffn_gate: Weight,      // [F, E]
-    pub ffn_up: Weight,        // [F, E]
-    pub ffn_down: Weight,      // [E, F]
+    pub attn_output: Weight, // [E, H·D]
+    pub ffn_norm: Vec<f32>,  // [E]
+    pub ffn_gate: Weight,    // [F, E]
+    pub ffn_up: Weight,      // [F, E]
+    pub ffn_down: Weight,    // [E, F]
 }
 
 /// All weights of a model, mapped in place from the GGUF file.
@@ -120,15 +120,15 @@ impl Weights {
 
 /// Buffers of one forward call, allocated once per session for its largest chunk.
 pub struct Scratch {
-    x: Vec<f32>,     // [T, E] residual stream
-    xn: Vec<f32>,    // [T, E] normalised
-    q: Vec<f32>,     // [T, H·D]
-    k: Vec<f32>,     // [T, Hkv·D]
-    v: Vec<f32>,     // [T, Hkv·D]
-    att: Vec<f32>,   // [T, H·D]
-    tmp: Vec<f32>,   // [T, E]
-    gate: Vec<f32>,  // [T, F]
-    up: Vec<f32>,    // [T, F]
+    x: Vec<f32>,    // [T, E] residual stream
+    xn: Vec<f32>,   // [T, E] normalised
+    q: Vec<f32>,    // [T, H·D]
+    k: Vec<f32>,    // [T, Hkv·D]
+    v: Vec<f32>,    // [T, Hkv·D]
+    att: Vec<f32>,  // [T, H·D]
+    tmp: Vec<f32>,  // [T, E]
+    gate: Vec<f32>, // [T, F]
+    up: Vec<f32>,   // [T, F]
     acts: ActCache,
     /// One attention-score row per thread, as long as the cache.
     scores: Vec<std::sync::Mutex<Vec<f32>>>,
@@ -149,7 +149,9 @@ impl Scratch {
             gate: vec![0.0; t * c.n_ff],
             up: vec![0.0; t * c.n_ff],
             acts: ActCache::default(),
-            scores: (0..threads).map(|_| std::sync::Mutex::new(vec![0.0; ctx])).collect(),
+            scores: (0..threads)
+                .map(|_| std::sync::Mutex::new(vec![0.0; ctx]))
+                .collect(),
             rotary: RotaryTable::default(),
         }
     }
@@ -171,19 +173,41 @@ pub fn forward(
     logits: &mut [f32],
 ) {
     let t = tokens.len();
-    let (e, hd, qd, kvd, ff) = (c.n_embd, c.head_dim, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_ff);
+    let (e, hd, qd, kvd, ff) = (
+        c.n_embd,
+        c.head_dim,
+        c.n_head * c.head_dim,
+        c.n_kv_head * c.head_dim,
+        c.n_ff,
+    );
     // token embeddings
     for (i, &tok) in tokens.iter().enumerate() {
-        w.token_embd.dequantize_row(tok as usize, &mut s.x[i * e..(i + 1) * e]);
+        w.token_embd
+            .dequantize_row(tok as usize, &mut s.x[i * e..(i + 1) * e]);
     }
     for (l, lw) in w.layers.iter().enumerate() {
         // attention: project, rotate, cache, attend, project back
         rms_norm(&s.x[..t * e], &lw.attn_norm, c.rms_eps, &mut s.xn[..t * e]);
-        matmul(pool, &mut s.acts, &s.xn[..t * e], t, &mut [
-            MatmulJob { weight: &lw.attn_q, out: &mut s.q[..t * qd] },
-            MatmulJob { weight: &lw.attn_k, out: &mut s.k[..t * kvd] },
-            MatmulJob { weight: &lw.attn_v, out: &mut s.v[..t * kvd] },
-        ]);
+        matmul(
+            pool,
+            &mut s.acts,
+            &s.xn[..t * e],
+            t,
+            &mut [
+                MatmulJob {
+                    weight: &lw.attn_q,
+                    out: &mut s.q[..t * qd],
+                },
+                MatmulJob {
+                    weight: &lw.attn_k,
+                    out: &mut s.k[..t * kvd],
+                },
+                MatmulJob {
+                    weight: &lw.attn_v,
+                    out: &mut s.v[..t * kvd],
+                },
+            ],
+        );
         add_bias(&mut s.q[..t * qd], lw.attn_q_bias.as_deref());
         add_bias(&mut s.k[..t * kvd], lw.attn_k_bias.as_deref());
         add_bias(&mut s.v[..t * kvd], lw.attn_v_bias.as_deref());
@@ -199,17 +223,57 @@ pub fn forward(
                 cache.write(l, h, slots.start + i, &s.k[r.clone()], &s.v[r]);
             }
         }
-        attention(c, pool, cache, l, slots.start, t, &s.q[..t * qd], &mut s.att[..t * qd], &s.scores);
-        matmul(pool, &mut s.acts, &s.att[..t * qd], t, &mut [MatmulJob { weight: &lw.attn_output, out: &mut s.tmp[..t * e] }]);
+        attention(
+            c,
+            pool,
+            cache,
+            l,
+            slots.start,
+            t,
+            &s.q[..t * qd],
+            &mut s.att[..t * qd],
+            &s.scores,
+        );
+        matmul(
+            pool,
+            &mut s.acts,
+            &s.att[..t * qd],
+            t,
+            &mut [MatmulJob {
+                weight: &lw.attn_output,
+                out: &mut s.tmp[..t * e],
+            }],
+        );
         add_into(&mut s.x[..t * e], &s.tmp[..t * e]);
         // feed-forward: SwiGLU
         rms_norm(&s.x[..t * e], &lw.ffn_norm, c.rms_eps, &mut s.xn[..t * e]);
-        matmul(pool, &mut s.acts, &s.xn[..t * e], t, &mut [
-            MatmulJob { weight: &lw.ffn_gate, out: &mut s.gate[..t * ff] },
-            MatmulJob { weight: &lw.ffn_up, out: &mut s.up[..t * ff] },
-        ]);
+        matmul(
+            pool,
+            &mut s.acts,
+            &s.xn[..t * e],
+            t,
+            &mut [
+                MatmulJob {
+                    weight: &lw.ffn_gate,
+                    out: &mut s.gate[..t * ff],
+                },
+                MatmulJob {
+                    weight: &lw.ffn_up,
+                    out: &mut s.up[..t * ff],
+                },
+            ],
+        );
         silu_mul(pool, &mut s.gate[..t * ff], &s.up[..t * ff]);
-        matmul(pool, &mut s.acts, &s.gate[..t * ff], t, &mut [MatmulJob { weight: &lw.ffn_down, out: &mut s.tmp[..t * e] }]);
+        matmul(
+            pool,
+            &mut s.acts,
+            &s.gate[..t * ff],
+            t,
+            &mut [MatmulJob {
+                weight: &lw.ffn_down,
+                out: &mut s.tmp[..t * e],
+            }],
+        );
         add_into(&mut s.x[..t * e], &s.tmp[..t * e]);
     }
     // output head, only for the rows whose logits are wanted
@@ -219,7 +283,16 @@ pub fn forward(
     }
     let xs = &s.x[logit_rows.start * e..logit_rows.end * e];
     rms_norm(xs, &w.output_norm, c.rms_eps, &mut s.xn[..rows * e]);
-    matmul(pool, &mut s.acts, &s.xn[..rows * e], rows, &mut [MatmulJob { weight: &w.output, out: logits }]);
+    matmul(
+        pool,
+        &mut s.acts,
+        &s.xn[..rows * e],
+        rows,
+        &mut [MatmulJob {
+            weight: &w.output,
+            out: logits,
+        }],
+    );
 }
 
 /// ggml's RMSNorm: mean of squares accumulated in f64, then scaled and multiplied by the weight.
@@ -300,7 +373,16 @@ fn attention(
             let at = (i * c.n_head + h) * hd;
             // SAFETY: each (token, head) pair owns its `hd` outputs and is handled by one thread.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(at), hd) };
-            attend(cache, layer, h / group, first_slot + i + 1, &q[at..at + hd], scale, &mut scratch, o);
+            attend(
+                cache,
+                layer,
+                h / group,
+                first_slot + i + 1,
+                &q[at..at + hd],
+                scale,
+                &mut scratch,
+                o,
+            );
         }
     });
 }

@@ -29,8 +29,8 @@ impl PositionScheme for ModelRope {
     fn frequencies(&self, _seq_len: usize, out: &mut Vec<f64>) {
         out.clear();
         out.extend((0..self.dims / 2).map(|i| {
-                let base_freq = self.base.powf(-2.0 * i as f64 / self.dims as f64);
-                let factor = self.freq_factors.as_ref().map_or(1.0, |f| f[i] as f64);
+            let base_freq = self.base.powf(-2.0 * i as f64 / self.dims as f64);
+            let factor = self.freq_factors.as_ref().map_or(1.0, |f| f[i] as f64);
             base_freq / factor / self.linear_factor
         }));
     }

@@ -144,7 +144,9 @@ mod tests {
         for b in x.chunks_exact(32) {
             match wtype {
                 WeightType::Q4_0 => {
-                    let max = b.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                    let max = b
+                        .iter()
+                        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
                     let d = max / -8.0;
                     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                     out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
@@ -201,16 +203,30 @@ mod tests {
             for (a, x) in acts.iter_mut().zip(&xs) {
                 a.quantize(x, 1, cols, wtype.act_type());
             }
-            let rows = [acts[0].row(0), acts[1].row(0), acts[2].row(0), acts[3].row(0)];
+            let rows = [
+                acts[0].row(0),
+                acts[1].row(0),
+                acts[2].row(0),
+                acts[3].row(0),
+            ];
             let four = dot_x4(wtype, &w, rows, cols);
             for i in 0..4 {
                 let reference = dot_scalar(wtype, &w, rows[i], cols);
                 let fast = dot(wtype, &w, rows[i], cols);
                 let exact: f32 = deq.iter().zip(&xs[i]).map(|(a, b)| a * b).sum();
-                assert!((fast - reference).abs() <= 1e-4 * reference.abs().max(1.0), "{wtype:?}");
-                assert!((four[i] - reference).abs() <= 1e-4 * reference.abs().max(1.0), "{wtype:?}");
+                assert!(
+                    (fast - reference).abs() <= 1e-4 * reference.abs().max(1.0),
+                    "{wtype:?}"
+                );
+                assert!(
+                    (four[i] - reference).abs() <= 1e-4 * reference.abs().max(1.0),
+                    "{wtype:?}"
+                );
                 // Q8 activations keep ~2 significant digits per value; the sum stays close.
-                assert!((reference - exact).abs() < 0.05, "{wtype:?}: {reference} vs {exact}");
+                assert!(
+                    (reference - exact).abs() < 0.05,
+                    "{wtype:?}: {reference} vs {exact}"
+                );
             }
         }
     }

@@ -9,14 +9,22 @@ use super::WeightType;
 /// model map (GGUF aligns tensor data to 32) and activation rows (u32-backed) satisfy it.
 fn as_blocks<T>(bytes: &[u8]) -> &[T] {
     let size = std::mem::size_of::<T>();
-    assert_eq!(bytes.as_ptr() as usize % std::mem::align_of::<T>(), 0, "misaligned quant block");
+    assert_eq!(
+        bytes.as_ptr() as usize % std::mem::align_of::<T>(),
+        0,
+        "misaligned quant block"
+    );
     // SAFETY: alignment is checked above; the blocks are plain data valid for any bytes.
     unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / size) }
 }
 
 fn as_blocks_mut<T>(bytes: &mut [u8]) -> &mut [T] {
     let size = std::mem::size_of::<T>();
-    assert_eq!(bytes.as_ptr() as usize % std::mem::align_of::<T>(), 0, "misaligned quant block");
+    assert_eq!(
+        bytes.as_ptr() as usize % std::mem::align_of::<T>(),
+        0,
+        "misaligned quant block"
+    );
     // SAFETY: as above, and the borrow is unique.
     unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast(), bytes.len() / size) }
 }

@@ -26,7 +26,14 @@ pub struct ActCache {
 impl ActCache {
     /// Index of the entry holding `x` converted to `act`, converting it unless `fresh` says this
     /// call already did.
-    fn get(&mut self, x: &[f32], tokens: usize, cols: usize, act: ActType, fresh: &mut [Option<ActType>; MAX_JOBS]) -> usize {
+    fn get(
+        &mut self,
+        x: &[f32],
+        tokens: usize,
+        cols: usize,
+        act: ActType,
+        fresh: &mut [Option<ActType>; MAX_JOBS],
+    ) -> usize {
         let index = match self.entries.iter().position(|e| e.act() == Some(act)) {
             Some(i) => i,
             None => {
@@ -58,8 +65,17 @@ impl SyncPtr {
 
 /// Runs every job (at most [`MAX_JOBS`]) on input `x` (`[tokens, cols]`). Allocates nothing once
 /// the activation buffers have grown to the largest input.
-pub fn matmul(pool: &ThreadPool, acts: &mut ActCache, x: &[f32], tokens: usize, jobs: &mut [MatmulJob]) {
-    assert!(jobs.len() <= MAX_JOBS, "matmul takes at most {MAX_JOBS} matrices");
+pub fn matmul(
+    pool: &ThreadPool,
+    acts: &mut ActCache,
+    x: &[f32],
+    tokens: usize,
+    jobs: &mut [MatmulJob],
+) {
+    assert!(
+        jobs.len() <= MAX_JOBS,
+        "matmul takes at most {MAX_JOBS} matrices"
+    );
     let Some(first) = jobs.first() else { return };
     let cols = first.weight.cols;
     let mut fresh = [None; MAX_JOBS];
@@ -71,8 +87,14 @@ pub fn matmul(pool: &ThreadPool, acts: &mut ActCache, x: &[f32], tokens: usize, 
     }
     let acts = &*acts;
     let n = jobs.len();
-    let outs: [SyncPtr; MAX_JOBS] = std::array::from_fn(|i| SyncPtr(jobs.get_mut(i).map_or(std::ptr::null_mut(), |j| j.out.as_mut_ptr())));
-    let weights: [Option<&Weight>; MAX_JOBS] = std::array::from_fn(|i| jobs.get(i).map(|j| j.weight));
+    let outs: [SyncPtr; MAX_JOBS] = std::array::from_fn(|i| {
+        SyncPtr(
+            jobs.get_mut(i)
+                .map_or(std::ptr::null_mut(), |j| j.out.as_mut_ptr()),
+        )
+    });
+    let weights: [Option<&Weight>; MAX_JOBS] =
+        std::array::from_fn(|i| jobs.get(i).map(|j| j.weight));
     let total: usize = weights.iter().flatten().map(|w| w.rows).sum();
     pool.for_ranges(total, &|range| {
         let mut base = 0;
@@ -80,14 +102,26 @@ pub fn matmul(pool: &ThreadPool, acts: &mut ActCache, x: &[f32], tokens: usize, 
             let Some(weight) = weights[i] else { continue };
             let (lo, hi) = (range.start.max(base), range.end.min(base + weight.rows));
             if lo < hi {
-                rows(weight, &acts.entries[act_index[i]], tokens, (lo - base)..(hi - base), &outs[i]);
+                rows(
+                    weight,
+                    &acts.entries[act_index[i]],
+                    tokens,
+                    (lo - base)..(hi - base),
+                    &outs[i],
+                );
             }
             base += weight.rows;
         }
     });
 }
 
-fn rows(weight: &Weight, act: &Activations, tokens: usize, range: std::ops::Range<usize>, out: &SyncPtr) {
+fn rows(
+    weight: &Weight,
+    act: &Activations,
+    tokens: usize,
+    range: std::ops::Range<usize>,
+    out: &SyncPtr,
+) {
     let n = weight.rows;
     let cols = weight.cols;
     let store = |t: usize, r: usize, v: f32| {
@@ -100,7 +134,12 @@ fn rows(weight: &Weight, act: &Activations, tokens: usize, range: std::ops::Rang
             let w = weight.row(r);
             let mut t = t0;
             while t + 4 <= t1 {
-                let y = dot_x4(weight.wtype, w, [act.row(t), act.row(t + 1), act.row(t + 2), act.row(t + 3)], cols);
+                let y = dot_x4(
+                    weight.wtype,
+                    w,
+                    [act.row(t), act.row(t + 1), act.row(t + 2), act.row(t + 3)],
+                    cols,
+                );
                 for (i, v) in y.into_iter().enumerate() {
                     store(t + i, r, v);
                 }

@@ -68,7 +68,7 @@ impl WeightType {
             GgmlDType::Q6K => Self::Q6K,
             other => {
                 return Err(Error::UnsupportedWeightType {
-                    tensor: tensor.to_string(),
+                    tensor: format!("tensor `{tensor}`"),
                     dtype: format!("{other:?}"),
                 })
             }
@@ -157,9 +157,15 @@ pub struct Weight {
 }
 
 impl Weight {
-    pub fn new(name: &str, wtype: WeightType, rows: usize, cols: usize, data: MapSlice) -> Result<Self> {
+    pub fn new(
+        name: &str,
+        wtype: WeightType,
+        rows: usize,
+        cols: usize,
+        data: MapSlice,
+    ) -> Result<Self> {
         let (values, bytes) = wtype.block();
-        if cols % values != 0 || data.len != rows * cols / values * bytes {
+        if !cols.is_multiple_of(values) || data.len != rows * cols / values * bytes {
             return Err(Error::BadShape {
                 name: name.to_string(),
                 expected: vec![rows, cols],
@@ -194,9 +200,15 @@ impl Weight {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let row = self.row(r);
         match self.wtype {
-            WeightType::F32 | WeightType::F16 | WeightType::BF16 => float::to_f32(self.wtype, row, out),
-            WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => blocks::dequantize(self.wtype, row, out),
-            WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => kquants::dequantize(self.wtype, row, out),
+            WeightType::F32 | WeightType::F16 | WeightType::BF16 => {
+                float::to_f32(self.wtype, row, out)
+            }
+            WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => {
+                blocks::dequantize(self.wtype, row, out)
+            }
+            WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
+                kquants::dequantize(self.wtype, row, out)
+            }
         }
     }
 }

@@ -13,7 +13,9 @@ use super::WeightType;
 pub(crate) fn has_avx2() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     })
 }
 
@@ -45,7 +47,11 @@ unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
 #[inline(always)]
 unsafe fn products<const VNNI: bool>(unsigned: __m256i, signed: __m256i) -> __m256 {
     if VNNI {
-        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), unsigned, signed))
+        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(
+            _mm256_setzero_si256(),
+            unsigned,
+            signed,
+        ))
     } else {
         let pairs = _mm256_maddubs_epi16(unsigned, signed);
         _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
@@ -60,7 +66,12 @@ unsafe fn load_weight(wtype: WeightType, b: *const u8) -> (__m256i, __m256i, f32
             // d and m are adjacent f16s: one conversion for both.
             let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b.cast::<i32>())));
             let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-            (unpack_nibbles(b.add(4)), _mm256_setzero_si256(), _mm_cvtss_f32(dm), m)
+            (
+                unpack_nibbles(b.add(4)),
+                _mm256_setzero_si256(),
+                _mm_cvtss_f32(dm),
+                m,
+            )
         }
         WeightType::Q4_0 => {
             let signed = _mm256_sub_epi8(unpack_nibbles(b.add(2)), _mm256_set1_epi8(8));
@@ -86,7 +97,11 @@ impl Row {
     unsafe fn new(a: &[u8], cols: usize) -> Self {
         let qs = a.as_ptr();
         let d = qs.add(cols).cast::<f32>();
-        Self { qs, d, s: d.add(cols / 32) }
+        Self {
+            qs,
+            d,
+            s: d.add(cols / 32),
+        }
     }
 }
 
@@ -107,7 +122,11 @@ unsafe fn block<const VNNI: bool>(
         *acc = _mm256_fmadd_ps(scale, products::<VNNI>(unsigned, q), *acc);
         m * std::ptr::read_unaligned(x.s.add(i))
     } else {
-        *acc = _mm256_fmadd_ps(scale, products::<VNNI>(unsigned, _mm256_sign_epi8(q, sign)), *acc);
+        *acc = _mm256_fmadd_ps(
+            scale,
+            products::<VNNI>(unsigned, _mm256_sign_epi8(q, sign)),
+            *acc,
+        );
         0.0
     }
 }
@@ -127,7 +146,12 @@ unsafe fn dot_impl<const VNNI: bool>(wtype: WeightType, w: &[u8], a: &[u8], cols
 }
 
 #[inline(always)]
-unsafe fn dot_x4_impl<const VNNI: bool>(wtype: WeightType, w: &[u8], a: [&[u8]; 4], cols: usize) -> [f32; 4] {
+unsafe fn dot_x4_impl<const VNNI: bool>(
+    wtype: WeightType,
+    w: &[u8],
+    a: [&[u8]; 4],
+    cols: usize,
+) -> [f32; 4] {
     let wb = wtype.block().1;
     let wp = w.as_ptr();
     let rows = a.map(|r| Row::new(r, cols));
@@ -165,7 +189,9 @@ unsafe fn dot_x4_vnni(wtype: WeightType, w: &[u8], a: [&[u8]; 4], cols: usize) -
 fn has_vnni() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni")
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
     })
 }
 

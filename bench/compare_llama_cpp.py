@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Side-by-side speed of longctx and llama.cpp on the same GGUF and thread count.
+
+Measures what llama-bench measures: prefill of N tokens (pp), decode of M tokens one at a time
+(tg), and decode at a context depth D (tg @ d). llama.cpp runs through the `llama-cpp-python`
+package (same GGUF file, f16 KV cache, flash attention off, the same thread count); longctx runs
+as `longctx bench --json`. Each configuration is repeated, the median is reported, and the ratio
+longctx / llama.cpp is printed (> 1 means longctx is faster).
+
+Needs: `pip install llama-cpp-python numpy` (build it with CMAKE_ARGS=-DGGML_NATIVE=ON) and a
+release build: `cargo build --release -p longctx-cli`.
+
+    python3 bench/compare_llama_cpp.py [--model PATH] [--threads 2] [--repetitions 5] [--markdown]
+
+These machines are small and noisy: run it on an otherwise idle machine.
+"""
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LONGCTX = os.path.join(ROOT, "target", "release", "longctx")
+
+
+def default_model():
+    out = subprocess.run([LONGCTX, "fetch"], check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def llama_cpp_run(model, threads, prompt, gen, depth, repetitions):
+    from llama_cpp import Llama
+
+    n_ctx = depth + prompt + gen + 16
+    llm = Llama(
+        model_path=model,
+        n_ctx=n_ctx,
+        n_batch=512,
+        n_ubatch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        flash_attn=False,
+        logits_all=False,
+        verbose=False,
+    )
+    rng = random.Random(1234)
+    vocab = llm.n_vocab()
+    tokens = [rng.randrange(1000, vocab) for _ in range(depth + prompt + gen)]
+    llm.eval(tokens[:16])  # fault the weights in, as our bench does
+    pp, tg = [], []
+    for _ in range(repetitions):
+        llm.reset()
+        if depth:
+            llm.eval(tokens[:depth])
+        if prompt:
+            start = time.perf_counter()
+            llm.eval(tokens[depth : depth + prompt])
+            pp.append(prompt / (time.perf_counter() - start))
+        if gen:
+            start = time.perf_counter()
+            for t in tokens[depth + prompt : depth + prompt + gen]:
+                llm.eval([t])
+            tg.append(gen / (time.perf_counter() - start))
+    return (statistics.median(pp) if pp else None, statistics.median(tg) if tg else None)
+
+
+def longctx_run(model, threads, prompt, gen, depth, repetitions):
+    cmd = [
+        LONGCTX, "bench", "--model", model, "--threads", str(threads),
+        "--prompt-tokens", str(prompt), "--gen-tokens", str(gen), "--depth", str(depth),
+        "--repetitions", str(repetitions), "--json",
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return (r["prefill_tok_s"] if prompt else None, r["decode_tok_s"] if gen else None, r)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repetitions", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="alternate the two engines this many times; medians over rounds")
+    args = ap.parse_args()
+    if not os.path.exists(LONGCTX):
+        sys.exit("build longctx first: cargo build --release -p longctx-cli")
+    model = args.model or default_model()
+    cases = [
+        ("pp512", 512, 0, 0),
+        ("tg128", 0, 128, 0),
+        ("tg128 @ d4096", 0, 128, 4096),
+    ]
+    rows = []
+    for name, prompt, gen, depth in cases:
+        ours, theirs = [], []
+        extra = {}
+        for _ in range(args.rounds):
+            p, g, extra = longctx_run(model, args.threads, prompt, gen, depth, args.repetitions)
+            ours.append(p if prompt else g)
+            lp, lg = llama_cpp_run(model, args.threads, prompt, gen, depth, args.repetitions)
+            theirs.append(lp if prompt else lg)
+        o, t = statistics.median(ours), statistics.median(theirs)
+        rows.append((name, o, t, o / t, extra.get("peak_rss_bytes", 0)))
+        print(f"{name}: longctx {o:.1f} tok/s, llama.cpp {t:.1f} tok/s, ratio {o / t:.2f}", file=sys.stderr)
+    import llama_cpp
+
+    print(f"model `{os.path.basename(model)}`, {args.threads} threads, llama-cpp-python {llama_cpp.__version__}, "
+          f"median of {args.rounds} rounds x {args.repetitions} repetitions\n")
+    print("| test | longctx tok/s | llama.cpp tok/s | ratio longctx/llama.cpp |")
+    print("|---|---:|---:|---:|")
+    for name, o, t, r, _ in rows:
+        print(f"| {name} | {o:.1f} | {t:.1f} | {r:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
