@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::gguf::Gguf;
-use crate::kv::KvCache;
-use crate::model::{forward, Config, Scratch, Weights};
+use crate::kv::{AttentionObserver, KvCache};
+use crate::model::{forward, Chunk, Config, Scratch, Weights};
 use crate::positions::{ModelRope, PositionScheme};
 use crate::threads::ThreadPool;
 use crate::tokenizer::Tokenizer;
@@ -92,6 +92,7 @@ pub struct Session {
     /// Reused per chunk so that decoding allocates nothing.
     positions: Vec<i32>,
     frequencies: Vec<f64>,
+    observer: Option<Arc<dyn AttentionObserver + Send>>,
 }
 
 impl Session {
@@ -131,6 +132,7 @@ impl Session {
             next_position: 0,
             positions: Vec::with_capacity(chunk),
             frequencies: Vec::new(),
+            observer: None,
         })
     }
 
@@ -179,6 +181,16 @@ impl Session {
         &self.cache
     }
 
+    /// Mutable access for KV policies: eviction ([`KvCache::retain`]) and re-positioning.
+    pub fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
+    }
+
+    /// Reports the attention weights of the queries `observer` asks for during later calls.
+    pub fn set_attention_observer(&mut self, observer: Option<Arc<dyn AttentionObserver + Send>>) {
+        self.observer = observer;
+    }
+
     /// Empties the cache.
     pub fn reset(&mut self) {
         self.cache.clear();
@@ -224,19 +236,28 @@ impl Session {
                 None if last => (chunk.len() - 1..chunk.len(), &mut self.logits[..]),
                 None => (0..0, &mut []),
             };
+            let chunk = Chunk {
+                tokens: chunk,
+                positions: &self.positions,
+                slots,
+                logit_rows: rows,
+            };
+            let observer = self
+                .observer
+                .as_deref()
+                .map(|o| o as &dyn AttentionObserver);
             forward(
                 &model.weights,
                 &model.config,
                 &self.pool,
                 &mut self.cache,
                 &mut self.scratch,
-                chunk,
-                slots,
-                rows,
+                &chunk,
+                observer,
                 out,
             );
-            self.next_position += chunk.len() as i32;
-            done += chunk.len();
+            self.next_position += chunk.tokens.len() as i32;
+            done += chunk.tokens.len();
         }
         if let Some(all) = all_logits {
             self.logits

@@ -6,8 +6,13 @@
 //! rotated at; moving a token to another position is then an exact delta rotation by
 //! (new − old), never a second application of any attention factor.
 
+mod observer;
+
+pub use observer::AttentionObserver;
+
 use half::f16;
 
+use crate::positions::{RopeStyle, RotaryTable};
 use crate::{Error, Result};
 
 /// Element type of the cache.
@@ -171,6 +176,49 @@ impl KvCache {
         self.len = keep.len();
     }
 
+    /// Moves the tokens in the cache to `new_positions` (one per slot) by rotating every stored
+    /// key by the difference between its new and old position. Rotations compose, so this equals
+    /// rotating the original key at the new position, and no scheme's cos/sin factor is applied a
+    /// second time: the delta rotation uses factor 1.
+    pub fn reposition(&mut self, new_positions: &[i32], freqs: &[f64], style: RopeStyle) {
+        assert_eq!(
+            new_positions.len(),
+            self.len,
+            "one new position per cached token"
+        );
+        let deltas: Vec<i32> = new_positions
+            .iter()
+            .zip(&self.positions)
+            .map(|(n, o)| n - o)
+            .collect();
+        let mut table = RotaryTable::default();
+        table.fill(&deltas, freqs, 1.0);
+        let mut key = vec![0f32; self.head_dim];
+        for layer in 0..self.n_layer {
+            for head in 0..self.n_kv_head {
+                for (slot, &delta) in deltas.iter().enumerate() {
+                    if delta == 0 {
+                        continue;
+                    }
+                    let at = self.offset(layer, head, slot);
+                    match &mut self.k {
+                        KvData::F16(d) => {
+                            for (o, v) in key.iter_mut().zip(&d[at..at + self.head_dim]) {
+                                *o = v.to_f32();
+                            }
+                            table.rotate(&mut key, slot, style);
+                            for (o, &v) in d[at..at + self.head_dim].iter_mut().zip(&key) {
+                                *o = f16::from_f32(v);
+                            }
+                        }
+                        KvData::F32(d) => table.rotate(&mut d[at..at + self.head_dim], slot, style),
+                    }
+                }
+            }
+        }
+        self.positions.copy_from_slice(new_positions);
+    }
+
     /// Drops everything.
     pub fn clear(&mut self) {
         self.len = 0;
@@ -201,6 +249,32 @@ mod tests {
         assert_eq!(k[c.offset(1, 1, 1)], 211.0);
         assert_eq!(k[c.offset(0, 1, 2)], 301.0);
         assert_eq!(c.bytes_in_use(), 2 * 2 * 2 * 3 * 4 * 4);
+    }
+
+    #[test]
+    fn repositioning_equals_rotating_at_the_new_position() {
+        let freqs = [1.0, 0.25, 0.01, 0.001];
+        let raw: Vec<f32> = (0..8).map(|i| (i as f32 * 0.7).cos()).collect();
+        let rotated_at = |p: i32| {
+            let mut t = RotaryTable::default();
+            t.fill(&[p], &freqs, 1.0);
+            let mut k = raw.clone();
+            t.rotate(&mut k, 0, RopeStyle::Normal);
+            k
+        };
+        let mut c = KvCache::new(KvDtype::F32, 1, 1, 8, 4);
+        c.push_slots(&[40, 900]).unwrap();
+        c.write(0, 0, 0, &rotated_at(40), &raw);
+        c.write(0, 0, 1, &rotated_at(900), &raw);
+        c.reposition(&[3, 4], &freqs, RopeStyle::Normal);
+        assert_eq!(c.positions(), &[3, 4]);
+        let KvData::F32(k) = &c.k else { unreachable!() };
+        for (slot, p) in [(0, 3), (1, 4)] {
+            let at = c.offset(0, 0, slot);
+            for (a, b) in k[at..at + 8].iter().zip(rotated_at(p)) {
+                assert!((a - b).abs() < 1e-5, "slot {slot}: {a} vs {b}");
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! H/Hkv query/KV heads, D head size, F feed-forward size, V vocabulary.
 
 use crate::gguf::Gguf;
-use crate::kv::KvCache;
+use crate::kv::{AttentionObserver, KvCache};
 use crate::model::attention::attend;
 use crate::model::config::{Architecture, Config};
 use crate::positions::RotaryTable;
@@ -157,9 +157,23 @@ impl Scratch {
     }
 }
 
-/// Runs `tokens` (already given cache slots `slots`, rotary table filled for their positions)
-/// through the model and writes logits of the chunk's tokens `logit_rows` into `logits`
-/// (`[logit_rows.len(), V]`).
+/// One chunk of tokens on its way through the model.
+pub struct Chunk<'a> {
+    pub tokens: &'a [u32],
+    /// Position of each token (the rotary table is filled for these).
+    pub positions: &'a [i32],
+    /// Cache slots reserved for the tokens, in order.
+    pub slots: std::ops::Range<usize>,
+    /// Rows of the chunk whose logits are wanted.
+    pub logit_rows: std::ops::Range<usize>,
+}
+
+fn job<'a>(weight: &'a Weight, out: &'a mut [f32]) -> MatmulJob<'a> {
+    MatmulJob { weight, out }
+}
+
+/// Runs a chunk through the model, appending its keys and values to `cache`, and writes the
+/// logits of `chunk.logit_rows` into `logits` (`[rows, V]`).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     w: &Weights,
@@ -167,101 +181,76 @@ pub fn forward(
     pool: &ThreadPool,
     cache: &mut KvCache,
     s: &mut Scratch,
-    tokens: &[u32],
-    slots: std::ops::Range<usize>,
-    logit_rows: std::ops::Range<usize>,
+    chunk: &Chunk,
+    observer: Option<&dyn AttentionObserver>,
     logits: &mut [f32],
 ) {
-    let t = tokens.len();
-    let (e, hd, qd, kvd, ff) = (
-        c.n_embd,
-        c.head_dim,
-        c.n_head * c.head_dim,
-        c.n_kv_head * c.head_dim,
-        c.n_ff,
-    );
+    let t = chunk.tokens.len();
+    let (e, hd, ff) = (c.n_embd, c.head_dim, c.n_ff);
+    let (qd, kvd) = (c.n_head * hd, c.n_kv_head * hd);
     // token embeddings
-    for (i, &tok) in tokens.iter().enumerate() {
+    for (i, &tok) in chunk.tokens.iter().enumerate() {
         w.token_embd
             .dequantize_row(tok as usize, &mut s.x[i * e..(i + 1) * e]);
     }
     for (l, lw) in w.layers.iter().enumerate() {
         // attention: project, rotate, cache, attend, project back
         rms_norm(&s.x[..t * e], &lw.attn_norm, c.rms_eps, &mut s.xn[..t * e]);
+        let (q, k, v) = (&mut s.q[..t * qd], &mut s.k[..t * kvd], &mut s.v[..t * kvd]);
         matmul(
             pool,
             &mut s.acts,
             &s.xn[..t * e],
             t,
-            &mut [
-                MatmulJob {
-                    weight: &lw.attn_q,
-                    out: &mut s.q[..t * qd],
-                },
-                MatmulJob {
-                    weight: &lw.attn_k,
-                    out: &mut s.k[..t * kvd],
-                },
-                MatmulJob {
-                    weight: &lw.attn_v,
-                    out: &mut s.v[..t * kvd],
-                },
-            ],
+            &mut [job(&lw.attn_q, q), job(&lw.attn_k, k), job(&lw.attn_v, v)],
         );
         add_bias(&mut s.q[..t * qd], lw.attn_q_bias.as_deref());
         add_bias(&mut s.k[..t * kvd], lw.attn_k_bias.as_deref());
         add_bias(&mut s.v[..t * kvd], lw.attn_v_bias.as_deref());
         for i in 0..t {
-            for h in s.q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
-                s.rotary.rotate(h, i, c.rope_style);
+            for head in s.q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
+                s.rotary.rotate(head, i, c.rope_style);
             }
-            for h in s.k[i * kvd..(i + 1) * kvd].chunks_exact_mut(hd) {
-                s.rotary.rotate(h, i, c.rope_style);
+            for head in s.k[i * kvd..(i + 1) * kvd].chunks_exact_mut(hd) {
+                s.rotary.rotate(head, i, c.rope_style);
             }
             for h in 0..c.n_kv_head {
                 let r = i * kvd + h * hd..i * kvd + (h + 1) * hd;
-                cache.write(l, h, slots.start + i, &s.k[r.clone()], &s.v[r]);
+                cache.write(l, h, chunk.slots.start + i, &s.k[r.clone()], &s.v[r]);
             }
         }
+        let input = AttentionInput {
+            layer: l,
+            first_slot: chunk.slots.start,
+            positions: chunk.positions,
+            q: &s.q[..t * qd],
+        };
         attention(
             c,
             pool,
             cache,
-            l,
-            slots.start,
-            t,
-            &s.q[..t * qd],
+            input,
             &mut s.att[..t * qd],
             &s.scores,
+            observer,
         );
         matmul(
             pool,
             &mut s.acts,
             &s.att[..t * qd],
             t,
-            &mut [MatmulJob {
-                weight: &lw.attn_output,
-                out: &mut s.tmp[..t * e],
-            }],
+            &mut [job(&lw.attn_output, &mut s.tmp[..t * e])],
         );
         add_into(&mut s.x[..t * e], &s.tmp[..t * e]);
         // feed-forward: SwiGLU
         rms_norm(&s.x[..t * e], &lw.ffn_norm, c.rms_eps, &mut s.xn[..t * e]);
+        let (gate, up) = (&mut s.gate[..t * ff], &mut s.up[..t * ff]);
         matmul(
             pool,
             &mut s.acts,
             &s.xn[..t * e],
             t,
-            &mut [
-                MatmulJob {
-                    weight: &lw.ffn_gate,
-                    out: &mut s.gate[..t * ff],
-                },
-                MatmulJob {
-                    weight: &lw.ffn_up,
-                    out: &mut s.up[..t * ff],
-                },
-            ],
+            &mut [job(&lw.ffn_gate, gate), job(&lw.ffn_up, up)],
         );
         silu_mul(pool, &mut s.gate[..t * ff], &s.up[..t * ff]);
         matmul(
@@ -269,29 +258,23 @@ pub fn forward(
             &mut s.acts,
             &s.gate[..t * ff],
             t,
-            &mut [MatmulJob {
-                weight: &lw.ffn_down,
-                out: &mut s.tmp[..t * e],
-            }],
+            &mut [job(&lw.ffn_down, &mut s.tmp[..t * e])],
         );
         add_into(&mut s.x[..t * e], &s.tmp[..t * e]);
     }
     // output head, only for the rows whose logits are wanted
-    let rows = logit_rows.len();
+    let rows = chunk.logit_rows.len();
     if rows == 0 {
         return;
     }
-    let xs = &s.x[logit_rows.start * e..logit_rows.end * e];
+    let xs = &s.x[chunk.logit_rows.start * e..chunk.logit_rows.end * e];
     rms_norm(xs, &w.output_norm, c.rms_eps, &mut s.xn[..rows * e]);
     matmul(
         pool,
         &mut s.acts,
         &s.xn[..rows * e],
         rows,
-        &mut [MatmulJob {
-            weight: &w.output,
-            out: logits,
-        }],
+        &mut [job(&w.output, logits)],
     );
 }
 
@@ -346,23 +329,30 @@ fn silu_mul(pool: &ThreadPool, gate: &mut [f32], up: &[f32]) {
     });
 }
 
+/// What one layer's attention reads: the chunk's rotated queries and where its tokens sit.
+struct AttentionInput<'a> {
+    layer: usize,
+    /// Cache slot of the chunk's first token; token i sees slots `..=first_slot + i`.
+    first_slot: usize,
+    /// Position of each token of the chunk.
+    positions: &'a [i32],
+    q: &'a [f32], // [T, H·D]
+}
+
 /// Every (query head, token) of the chunk attends over the slots up to its own.
-#[allow(clippy::too_many_arguments)]
 fn attention(
     c: &Config,
     pool: &ThreadPool,
     cache: &KvCache,
-    layer: usize,
-    first_slot: usize,
-    t: usize,
-    q: &[f32],
-    out: &mut [f32],
+    input: AttentionInput,
+    out: &mut [f32], // [T, H·D]
     scores: &[std::sync::Mutex<Vec<f32>>],
+    observer: Option<&dyn AttentionObserver>,
 ) {
     let (hd, group) = (c.head_dim, c.n_head / c.n_kv_head);
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    let pairs = c.n_head * t;
+    let pairs = c.n_head * input.positions.len();
     pool.run(&|index, n| {
         let mut scratch = match scores[index].lock() {
             Ok(g) => g,
@@ -371,18 +361,27 @@ fn attention(
         for pair in split_range(pairs, index, n) {
             let (i, h) = (pair / c.n_head, pair % c.n_head);
             let at = (i * c.n_head + h) * hd;
+            let visible = input.first_slot + i + 1;
             // SAFETY: each (token, head) pair owns its `hd` outputs and is handled by one thread.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(at), hd) };
+            let q = &input.q[at..at + hd];
             attend(
                 cache,
-                layer,
+                input.layer,
                 h / group,
-                first_slot + i + 1,
-                &q[at..at + hd],
+                visible,
+                q,
                 scale,
                 &mut scratch,
                 o,
             );
+            if let Some(obs) = observer {
+                let position = input.positions[i];
+                if obs.wants(input.layer, position) {
+                    // `attend` leaves the softmax weights in the score scratch.
+                    obs.observe(input.layer, h, h / group, position, &scratch[..visible]);
+                }
+            }
         }
     });
 }

@@ -6,4 +6,4 @@ mod llama;
 
 pub use attention::attend;
 pub use config::{Architecture, Config};
-pub use llama::{forward, LayerWeights, Scratch, Weights};
+pub use llama::{forward, Chunk, LayerWeights, Scratch, Weights};
