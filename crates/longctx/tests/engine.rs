@@ -141,6 +141,7 @@ fn attention_weights_are_reported_for_the_queries_asked_for() {
             position as usize + 1,
             "a query sees itself and everything before it"
         );
-        assert!((sum - 1.0).abs() < 1e-4, "softmax weights sum to {sum}");
+        // With an f16 cache the kernel reports the f16-rounded weights it multiplies V by.
+        assert!((sum - 1.0).abs() < 1e-3, "softmax weights sum to {sum}");
     }
 }
