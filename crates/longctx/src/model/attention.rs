@@ -1,16 +1,88 @@
 //! Causal scaled dot-product attention over the KV cache, one (query head, token) at a time.
 //!
-//! Numerics follow llama.cpp's default (non-flash) CPU path so that logits agree with it: with an
-//! f16 cache the query is rounded to f16 before q·k, and the softmax weights are rounded to f16
-//! before they weight the values; scores, softmax and sums are f32.
+//! The arithmetic reproduces, bit for bit, llama.cpp's default CPU path without flash attention
+//! (`llm_graph_context::build_attn_mha`: `kq = mul_mat(k, q)`, `soft_max_ext(kq, mask, scale)`,
+//! `kqv = mul_mat(v, kq)`) as built with AVX512 and llamafile, so that logits agree with it
+//! exactly; the model is sensitive enough that one ulp here moves a logit by ~1.
+//!
+//! * `mul_mat` converts its f32 right operand to the f16 cache type first: the query is rounded to
+//!   f16 before q·k, and the softmax weights are rounded to f16 before they weight the values.
+//! * Each dot product runs in f32 with FMA, split over lanes by index (lane = index mod W), each
+//!   lane an FMA chain in index order from zero, then the lanes are summed by a halving tree
+//!   (lane i += lane i + W/2, then W/4, … 1). Which W depends on the kernel `mul_mat` picks:
+//!   - chunks of 2+ tokens go to llamafile's `tinyBLAS` (`llamafile_sgemm`, 16-lane `__m512`
+//!     accumulators, `hsum` = `_mm512_reduce_add_ps`, itself a halving tree): W = 16;
+//!   - single-token chunks go to `ggml_vec_dot_f16` (four 16-lane accumulators, `GGML_F16_STEP`
+//!     = 64, reduced pairwise by `GGML_F32Cx16_REDUCE`): W = 64; elements past the last full
+//!     64 are added afterwards, one by one, in f64.
+//!
+//!   For q·k the index is the head dimension; for p·V it is the cache slot, counted from slot 0
+//!   (the reference's V cache is transposed, so each output dimension is one dot product over
+//!   slots). Masked and unused slots contribute exact zeros, so only visible slots are visited.
+//! * `ggml_compute_forward_soft_max_f32`: scores are multiplied by the scale (the mask adds 0 to
+//!   visible ones), the maximum is subtracted, and `ggml_vec_soft_max_f32` takes `ggml_v_expf`
+//!   (a polynomial, not libm) over blocks of 16 slots from slot 0, sums each block by the
+//!   16-lane halving tree in f32 and the block sums in f64; weights are multiplied by
+//!   `(float)(1.0 / sum)`.
+//!
+//! Everything is reproduced with scalar `mul_add` or AVX2 (two 8-lane halves per 16 lanes), so
+//! the result does not depend on the CPU.
+
+use std::cell::RefCell;
 
 use half::f16;
 
 use crate::kv::{KvCache, KvData};
 
-/// Attention of one query head over the first `visible` slots of `kv_head` in `layer`.
-///
-/// `q` is `[D]` (already rotated), `scores` a scratch of at least `visible` values, `out` `[D]`.
+/// Largest head size [`attend`] handles.
+const MAX_HEAD_DIM: usize = 256;
+
+/// Which of llama.cpp's matrix-multiplication kernels the reference runs, which fixes the lane
+/// count of every dot product (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduction {
+    /// llamafile's tinyBLAS: `ggml_compute_forward_mul_mat` uses it whenever the chunk has two
+    /// or more tokens (`llamafile_sgemm` declines `n < 2`).
+    Gemm,
+    /// `ggml_vec_dot_f16`: chunks of one token (decoding).
+    VecDot,
+}
+
+impl Reduction {
+    /// The kernel llama.cpp uses for a chunk (ubatch) of `n_tokens` tokens.
+    // Allowed until `model::llama::attention` passes its chunk size through `attend_with`.
+    #[allow(dead_code)]
+    pub fn for_chunk(n_tokens: usize) -> Self {
+        if n_tokens >= 2 {
+            Self::Gemm
+        } else {
+            Self::VecDot
+        }
+    }
+
+    /// Lanes of q·k, a dot product over `head_dim`; tinyBLAS declines `k % 16 != 0`.
+    fn kq_lanes(self, head_dim: usize) -> usize {
+        if self == Self::Gemm && head_dim.is_multiple_of(16) {
+            16
+        } else {
+            64
+        }
+    }
+
+    /// Lanes of p·V, a dot product over slots for each of `head_dim` outputs; tinyBLAS declines
+    /// `m % 4 != 0` (m = head_dim here; k, the padded slot count, is a multiple of 256).
+    fn kqv_lanes(self, head_dim: usize) -> usize {
+        if self == Self::Gemm && head_dim.is_multiple_of(4) {
+            16
+        } else {
+            64
+        }
+    }
+}
+
+/// Attention of one query head over the first `visible` slots of `kv_head` in `layer`, with the
+/// reduction order of llama.cpp's prompt-processing kernel ([`Reduction::Gemm`]); see
+/// [`attend_with`].
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     cache: &KvCache,
@@ -22,51 +94,129 @@ pub fn attend(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    attend_with(
+        cache,
+        layer,
+        kv_head,
+        visible,
+        q,
+        scale,
+        scores,
+        out,
+        Reduction::Gemm,
+    );
+}
+
+/// Attention of one query head over the first `visible` slots of `kv_head` in `layer`.
+///
+/// `q` is `[D]` (already rotated), `scores` a scratch of at least `visible` values, `out` `[D]`.
+/// `reduction` is [`Reduction::for_chunk`] of the number of tokens evaluated together.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_with(
+    cache: &KvCache,
+    layer: usize,
+    kv_head: usize,
+    visible: usize,
+    q: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+    reduction: Reduction,
+) {
     let d = cache.head_dim;
+    assert!(d <= MAX_HEAD_DIM, "head size {d} above {MAX_HEAD_DIM}");
     let base = cache.offset(layer, kv_head, 0);
     let scores = &mut scores[..visible];
+    let (kq_lanes, kqv_lanes) = (reduction.kq_lanes(d), reduction.kqv_lanes(d));
     match &cache.k {
         KvData::F16(k) => {
-            let mut qh = [0f32; 256];
+            let mut qh = [0f32; MAX_HEAD_DIM];
             let qh = &mut qh[..d];
             for (o, &x) in qh.iter_mut().zip(q) {
                 *o = f16::from_f32(x).to_f32();
             }
             for (j, s) in scores.iter_mut().enumerate() {
-                *s = dot_f16(qh, &k[base + j * d..base + (j + 1) * d]) * scale;
+                *s = dot_f16(kq_lanes, qh, &k[base + j * d..base + (j + 1) * d]) * scale;
             }
         }
         KvData::F32(k) => {
             for (j, s) in scores.iter_mut().enumerate() {
-                *s = dot_f32(q, &k[base + j * d..base + (j + 1) * d]) * scale;
+                *s = dot_f32(kq_lanes, q, &k[base + j * d..base + (j + 1) * d]) * scale;
             }
         }
     }
     softmax(scores);
-    out.fill(0.0);
-    match &cache.v {
-        KvData::F16(v) => {
-            for (j, &p) in scores.iter().enumerate() {
-                let p = f16::from_f32(p).to_f32();
-                axpy_f16(out, p, &v[base + j * d..base + (j + 1) * d]);
-            }
+    let v = &cache.v;
+    if let KvData::F16(_) = v {
+        for p in scores.iter_mut() {
+            *p = f16::from_f32(*p).to_f32();
         }
-        KvData::F32(v) => {
-            for (j, &p) in scores.iter().enumerate() {
-                for (o, &x) in out.iter_mut().zip(&v[base + j * d..base + (j + 1) * d]) {
-                    *o += p * x;
+    }
+    ACC.with(|acc| {
+        let mut acc = acc.borrow_mut();
+        let rows = kqv_lanes.min(visible);
+        if acc.len() < rows * d {
+            acc.resize(rows * d, 0.0);
+        }
+        weighted_sum(v, base, d, scores, kqv_lanes, &mut acc[..rows * d], out);
+    });
+}
+
+thread_local! {
+    /// Per-lane partial sums of p·V, `[lane][D]`.
+    static ACC: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out[i] = Σ_j p[j]·v[j][i]` with slot j in lane `j % lanes` of `acc` (`[min(lanes, n)][D]`),
+/// each lane an FMA chain over its slots, then the lanes summed by the halving tree: the order of
+/// tinyBLAS / `ggml_vec_dot_f16` for the transposed V (`p` already rounded as the reference
+/// rounds it).
+fn weighted_sum(
+    v: &KvData,
+    base: usize,
+    d: usize,
+    p: &[f32],
+    lanes: usize,
+    acc: &mut [f32],
+    out: &mut [f32],
+) {
+    acc.fill(0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        let row = &mut acc[(j % lanes) * d..(j % lanes + 1) * d];
+        let at = base + j * d;
+        match v {
+            KvData::F16(v) => axpy_f16(row, pj, &v[at..at + d]),
+            KvData::F32(v) => {
+                for (o, &x) in row.iter_mut().zip(&v[at..at + d]) {
+                    *o = x.mul_add(pj, *o);
                 }
             }
         }
     }
+    // Halving tree over lanes; lanes past the used rows are zero and leave sums unchanged.
+    let mut used = acc.len() / d;
+    let mut step = lanes / 2;
+    while step >= 1 {
+        for i in 0..step.min(used.saturating_sub(step)) {
+            let (lo, hi) = acc.split_at_mut((i + step) * d);
+            add_assign(&mut lo[i * d..(i + 1) * d], &hi[..d]);
+        }
+        used = used.min(step);
+        step /= 2;
+    }
+    match used {
+        0 => out.fill(0.0),
+        _ => out.copy_from_slice(&acc[..d]),
+    }
 }
 
+/// `ggml_vec_soft_max_f32` (AVX512 path) followed by the scaling of
+/// `ggml_compute_forward_soft_max_f32`, over visible scores (masked ones weigh exactly 0).
 fn softmax(x: &mut [f32]) {
     let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v as f64;
+    for block in x.chunks_mut(16) {
+        sum += exp_block(block, max) as f64;
     }
     let inv = (1.0 / sum) as f32;
     for v in x.iter_mut() {
@@ -74,35 +224,137 @@ fn softmax(x: &mut [f32]) {
     }
 }
 
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        lanes[i % 8] += x * y;
-    }
-    lanes.iter().sum()
-}
-
-fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+/// Replaces up to 16 scores by `ggml_v_expf(s - max)` and returns their 16-lane tree sum
+/// (missing lanes are masked slots: zero).
+fn exp_block(block: &mut [f32], max: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if a.len() % 8 == 0 && crate::quant::has_avx2() {
-        // SAFETY: the CPU has AVX2, FMA and F16C; lengths are multiples of 8.
-        return unsafe { simd::dot_f16(a, b) };
+    if block.len() == 16 && crate::quant::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA; the block holds 16 values.
+        return unsafe { simd::exp_block16(block, max) };
     }
-    let mut lanes = [0f32; 8];
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        lanes[i % 8] += x * y.to_f32();
+    let mut lanes = [0f32; 16];
+    for (l, s) in lanes.iter_mut().zip(block.iter_mut()) {
+        *s = expf(*s - max);
+        *l = *s;
     }
-    lanes.iter().sum()
+    tree_sum(&mut lanes)
 }
 
+/// Halving-tree sum (lane i += lane i + n/2, …), the order of `_mm512_reduce_add_ps` and of the
+/// `GGML_F32Cx16_REDUCE` pairing; `lanes.len()` is a power of two.
+fn tree_sum(lanes: &mut [f32]) -> f32 {
+    let mut step = lanes.len() / 2;
+    while step >= 1 {
+        for i in 0..step {
+            lanes[i] += lanes[i + step];
+        }
+        step /= 2;
+    }
+    lanes[0]
+}
+
+// Constants of `ggml_v_expf` (hex floats 0x1.8p23, 0x1.715476p+0, 0x1.62e4p-1, 0x1.7f7d1cp-20
+// and the polynomial 0x1.ffffecp-1, 0x1.fffdb6p-2, 0x1.555e66p-3, 0x1.573e2ep-5, 0x1.0e4020p-7).
+const EXP_ROUND: f32 = f32::from_bits(0x4b40_0000);
+const EXP_LOG2E: f32 = f32::from_bits(0x3fb8_aa3b);
+const EXP_LN2_HI: f32 = f32::from_bits(0x3f31_7200);
+const EXP_LN2_LO: f32 = f32::from_bits(0x35bf_be8e);
+const EXP_C1: f32 = f32::from_bits(0x3f7f_fff6);
+const EXP_C2: f32 = f32::from_bits(0x3eff_fedb);
+const EXP_C3: f32 = f32::from_bits(0x3e2a_af33);
+const EXP_C4: f32 = f32::from_bits(0x3d2b_9f17);
+const EXP_C5: f32 = f32::from_bits(0x3c07_2010);
+
+/// ggml's `ggml_v_expf` (AVX512 variant), one lane: `2^n · p(b)` with n = round(x·log2 e),
+/// b = x − n·ln 2 in two FMA steps, p a degree-5 polynomial; `_mm512_scalef_ps` applies 2^n with
+/// one rounding, and |n| > 192 saturates to 0 or ∞.
+fn expf(x: f32) -> f32 {
+    let z = x.mul_add(EXP_LOG2E, EXP_ROUND);
+    let n = z - EXP_ROUND;
+    let b = (-n).mul_add(EXP_LN2_LO, (-n).mul_add(EXP_LN2_HI, x));
+    let u = b * b;
+    let j = EXP_C5
+        .mul_add(b, EXP_C4)
+        .mul_add(u, EXP_C3.mul_add(b, EXP_C2))
+        .mul_add(u, EXP_C1.mul_add(b, 1.0));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    if n.is_nan() {
+        return n;
+    }
+    // j·2^n with one rounding: an exact scaling into the normal range, then the rounding one.
+    let n = n as i32;
+    let n1 = n.clamp(-126, 127);
+    (j * pow2(n - n1)) * pow2(n1)
+}
+
+/// 2^e for e in [-126, 127].
+fn pow2(e: i32) -> f32 {
+    f32::from_bits(((e + 127) as u32) << 23)
+}
+
+/// q·k over the head dimension in `lanes` lanes (q already rounded to f16).
+fn dot_f16(lanes: usize, a: &[f32], b: &[f16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if a.len().is_multiple_of(lanes) && crate::quant::has_avx2() {
+        // SAFETY: the CPU has AVX2, FMA and F16C; lengths are multiples of the lane count.
+        return unsafe {
+            match lanes {
+                16 => simd::dot16_f16(a, b),
+                _ => simd::dot64_f16(a, b),
+            }
+        };
+    }
+    dot_lanes(lanes, a.len(), |i| a[i], |i| b[i].to_f32(), true)
+}
+
+fn dot_f32(lanes: usize, a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(lanes, a.len(), |i| a[i], |i| b[i], false)
+}
+
+/// The reference order for a dot product of `n` elements in `lanes` lanes. The tail past the last
+/// full 64 (`ggml_vec_dot_f16`/`_f32` leftovers; only possible with 64 lanes) is added one
+/// product at a time, in f64 for f16 data (`wide`) and in f32 for f32 data.
+fn dot_lanes(
+    lanes: usize,
+    n: usize,
+    a: impl Fn(usize) -> f32,
+    b: impl Fn(usize) -> f32,
+    wide: bool,
+) -> f32 {
+    let mut acc = [0f32; 64];
+    let full = n - n % lanes;
+    for i in 0..full {
+        acc[i % lanes] = a(i).mul_add(b(i), acc[i % lanes]);
+    }
+    let sum = tree_sum(&mut acc[..lanes]);
+    if wide {
+        let mut s = sum as f64;
+        for i in full..n {
+            s += (a(i) * b(i)) as f64;
+        }
+        s as f32
+    } else {
+        (full..n).fold(sum, |s, i| s + a(i) * b(i))
+    }
+}
+
+/// `out += p·v`, each element one FMA.
 fn axpy_f16(out: &mut [f32], p: f32, v: &[f16]) {
     #[cfg(target_arch = "x86_64")]
-    if out.len() % 8 == 0 && crate::quant::has_avx2() {
-        // SAFETY: as above.
+    if out.len().is_multiple_of(8) && crate::quant::has_avx2() {
+        // SAFETY: the CPU has AVX2, FMA and F16C; lengths are multiples of 8.
         return unsafe { simd::axpy_f16(out, p, v) };
     }
     for (o, x) in out.iter_mut().zip(v) {
-        *o += p * x.to_f32();
+        *o = x.to_f32().mul_add(p, *o);
+    }
+}
+
+fn add_assign(a: &mut [f32], b: &[f32]) {
+    for (x, &y) in a.iter_mut().zip(b) {
+        *x += y;
     }
 }
 
@@ -111,26 +363,117 @@ mod simd {
     use half::f16;
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for i in (0..a.len()).step_by(8) {
-            let k = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i).cast()));
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), k, acc);
-        }
-        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    use super::*;
+
+    /// The halving tree over 8 lanes (the last three steps of `_mm512_reduce_add_ps`).
+    #[inline(always)]
+    unsafe fn tree8(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+
+    /// tinyBLAS's 16-lane dot product as two 8-lane halves.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot16_f16(a: &[f32], b: &[f16]) -> f32 {
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        for i in (0..a.len()).step_by(16) {
+            lo = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load_f16(pb.add(i)), lo);
+            hi = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), load_f16(pb.add(i + 8)), hi);
+        }
+        tree8(_mm256_add_ps(lo, hi))
+    }
+
+    /// `ggml_vec_dot_f16`'s 64-lane dot product as eight 8-lane parts.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot64_f16(a: &[f32], b: &[f16]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        for i in (0..a.len()).step_by(64) {
+            for (m, acc) in acc.iter_mut().enumerate() {
+                let at = i + 8 * m;
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(at)), load_f16(pb.add(at)), *acc);
+            }
+        }
+        for step in [4, 2, 1] {
+            for m in 0..step {
+                acc[m] = _mm256_add_ps(acc[m], acc[m + step]);
+            }
+        }
+        tree8(acc[0])
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn axpy_f16(out: &mut [f32], p: f32, v: &[f16]) {
         let pv = _mm256_set1_ps(p);
         for i in (0..out.len()).step_by(8) {
-            let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i).cast()));
             let o = out.as_mut_ptr().add(i);
-            _mm256_storeu_ps(o, _mm256_fmadd_ps(pv, x, _mm256_loadu_ps(o)));
+            _mm256_storeu_ps(
+                o,
+                _mm256_fmadd_ps(load_f16(v.as_ptr().add(i)), pv, _mm256_loadu_ps(o)),
+            );
         }
+    }
+
+    /// [`super::expf`] on 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn expf8(x: __m256) -> __m256 {
+        let r = _mm256_set1_ps(EXP_ROUND);
+        let z = _mm256_fmadd_ps(x, _mm256_set1_ps(EXP_LOG2E), r);
+        let n = _mm256_sub_ps(z, r);
+        let b = _mm256_fnmadd_ps(
+            n,
+            _mm256_set1_ps(EXP_LN2_LO),
+            _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), x),
+        );
+        let u = _mm256_mul_ps(b, b);
+        let c = |v: f32| _mm256_set1_ps(v);
+        let j = _mm256_fmadd_ps(
+            _mm256_fmadd_ps(
+                _mm256_fmadd_ps(c(EXP_C5), b, c(EXP_C4)),
+                u,
+                _mm256_fmadd_ps(c(EXP_C3), b, c(EXP_C2)),
+            ),
+            u,
+            _mm256_fmadd_ps(c(EXP_C1), b, c(1.0)),
+        );
+        // scalef(j, n): multiply by 2^(n − n1) exactly, then by 2^n1 with the one rounding.
+        let ni = _mm256_cvtps_epi32(n);
+        let n1 = _mm256_min_epi32(
+            _mm256_max_epi32(ni, _mm256_set1_epi32(-126)),
+            _mm256_set1_epi32(127),
+        );
+        let n2 = _mm256_sub_epi32(ni, n1);
+        let bias = _mm256_set1_epi32(127);
+        let p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+        let p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+        let res = _mm256_mul_ps(_mm256_mul_ps(j, p2), p1);
+        let abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+        let big = _mm256_cmp_ps(abs, _mm256_set1_ps(192.0), _CMP_GT_OQ);
+        if _mm256_movemask_ps(big) == 0 {
+            return res;
+        }
+        let nonpos = _mm256_cmp_ps(n, _mm256_setzero_ps(), _CMP_LE_OQ);
+        let alt = _mm256_blendv_ps(_mm256_set1_ps(f32::INFINITY), _mm256_setzero_ps(), nonpos);
+        _mm256_blendv_ps(res, alt, big)
+    }
+
+    /// [`super::exp_block`] for a full block of 16.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_block16(block: &mut [f32], max: f32) -> f32 {
+        let m = _mm256_set1_ps(max);
+        let p = block.as_mut_ptr();
+        let lo = expf8(_mm256_sub_ps(_mm256_loadu_ps(p), m));
+        let hi = expf8(_mm256_sub_ps(_mm256_loadu_ps(p.add(8)), m));
+        _mm256_storeu_ps(p, lo);
+        _mm256_storeu_ps(p.add(8), hi);
+        tree8(_mm256_add_ps(lo, hi))
     }
 }
 
@@ -144,8 +487,12 @@ mod tests {
         let d = 8;
         let mut cache = KvCache::new(KvDtype::F32, 1, 1, d, 4);
         cache.push_slots(&[0, 1, 2]).unwrap();
-        let keys: Vec<Vec<f32>> = (0..3).map(|j| (0..d).map(|i| ((i + j) as f32 * 0.3).sin()).collect()).collect();
-        let vals: Vec<Vec<f32>> = (0..3).map(|j| (0..d).map(|i| (i * j) as f32 * 0.1).collect()).collect();
+        let keys: Vec<Vec<f32>> = (0..3)
+            .map(|j| (0..d).map(|i| ((i + j) as f32 * 0.3).sin()).collect())
+            .collect();
+        let vals: Vec<Vec<f32>> = (0..3)
+            .map(|j| (0..d).map(|i| (i * j) as f32 * 0.1).collect())
+            .collect();
         for j in 0..3 {
             cache.write(0, 0, j, &keys[j], &vals[j]);
         }
@@ -154,7 +501,10 @@ mod tests {
         let mut scores = vec![0.0; 4];
         let mut out = vec![0.0; d];
         attend(&cache, 0, 0, 3, &q, scale, &mut scores, &mut out);
-        let logits: Vec<f32> = keys.iter().map(|k| k.iter().zip(&q).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+        let logits: Vec<f32> = keys
+            .iter()
+            .map(|k| k.iter().zip(&q).map(|(a, b)| a * b).sum::<f32>() * scale)
+            .collect();
         let z: f32 = logits.iter().map(|l| l.exp()).sum();
         for i in 0..d {
             let expected: f32 = (0..3).map(|j| logits[j].exp() / z * vals[j][i]).sum();
@@ -163,5 +513,100 @@ mod tests {
         // With one visible slot the output is that slot's value.
         attend(&cache, 0, 0, 1, &q, scale, &mut scores, &mut out);
         assert_eq!(out, vals[0]);
+    }
+
+    /// One product of 2^24 and 63 products of 1: each order loses a different number of ones.
+    #[test]
+    fn dot_products_follow_the_reference_lanes_and_tree() {
+        let mut q = vec![1f32; 64];
+        let mut k = vec![f16::ONE; 64];
+        q[0] = 2048.0;
+        k[0] = f16::from_f32(8192.0);
+        let big = 16_777_216f32;
+        // tinyBLAS: lane 0 = 2^24 + 1 + 1 + 1 by FMA (each +1 lost to rounding to even), lanes
+        // 1..15 = 4; tree: +4 → 2^24+4, +8 → 2^24+12, +16 → 2^24+28, +32 → 2^24+60.
+        let gemm = big + 60.0;
+        // ggml_vec_dot_f16: 64 single products; tree: +1 (lost) → 2^24, +2, +4, +8, +16, +32.
+        let vec_dot = big + 62.0;
+        assert_eq!(dot_f16(16, &q, &k), gemm);
+        assert_eq!(dot_f16(64, &q, &k), vec_dot);
+        assert_eq!(dot_lanes(16, 64, |i| q[i], |i| k[i].to_f32(), true), gemm);
+        assert_eq!(
+            dot_lanes(64, 64, |i| q[i], |i| k[i].to_f32(), true),
+            vec_dot
+        );
+
+        // p·V runs the same orders over slots: slot 0 weighs 2^24, slots 1..63 weigh 1.
+        let d = 8;
+        let mut cache = KvCache::new(KvDtype::F16, 1, 1, d, 64);
+        cache.push_slots(&(0..64).collect::<Vec<i32>>()).unwrap();
+        for j in 0..64 {
+            let v = vec![if j == 0 { 8192.0 } else { 1.0 }; d];
+            cache.write(0, 0, j, &vec![0.0; d], &v);
+        }
+        let mut p: Vec<f32> = vec![1.0; 64];
+        p[0] = 2048.0;
+        let mut out = vec![0f32; d];
+        for (lanes, expected) in [(16, gemm), (64, vec_dot)] {
+            let mut acc = vec![0f32; lanes * d];
+            weighted_sum(&cache.v, 0, d, &p, lanes, &mut acc, &mut out);
+            assert!(out.iter().all(|&o| o == expected), "{lanes} lanes: {out:?}");
+        }
+    }
+
+    #[test]
+    fn expf_matches_ggml_and_stays_close_to_exp() {
+        // Reference bits from ggml_v_expf (AVX512) for a few inputs.
+        for x in [
+            0.0f32, -1.0, -0.5, -10.25, -87.0, -88.7, -103.0, -104.5, -150.0, -1e4,
+        ] {
+            let e = expf(x);
+            let want = (x as f64).exp();
+            assert!(
+                (e as f64 - want).abs() <= want * 3e-7 + 1e-45,
+                "{x}: {e} vs {want}"
+            );
+        }
+        assert_eq!(expf(0.0), 1.0);
+        assert_eq!(expf(f32::NEG_INFINITY), 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if crate::quant::has_avx2() {
+            let mut rng = 0x1234_5678u32;
+            for _ in 0..4096 {
+                let mut block = [0f32; 16];
+                for b in block.iter_mut() {
+                    rng = rng.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    *b = -((rng >> 8) as f32 / (1 << 24) as f32) * 120.0;
+                }
+                let mut scalar = block;
+                let mut lanes = [0f32; 16];
+                for (l, s) in lanes.iter_mut().zip(scalar.iter_mut()) {
+                    *s = expf(*s);
+                    *l = *s;
+                }
+                let want = tree_sum(&mut lanes);
+                // SAFETY: AVX2 checked above.
+                let got = unsafe { simd::exp_block16(&mut block, 0.0) };
+                assert_eq!(got.to_bits(), want.to_bits());
+                assert_eq!(block.map(f32::to_bits), scalar.map(f32::to_bits));
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_scalar_orders_agree_bit_for_bit() {
+        let mut rng = 0x9e37_79b9u32;
+        let mut next = || {
+            rng = rng.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ((rng >> 8) as f32 / (1 << 24) as f32 - 0.5) * 64.0
+        };
+        for d in [64usize, 128] {
+            let a: Vec<f32> = (0..d).map(|_| f16::from_f32(next()).to_f32()).collect();
+            let b: Vec<f16> = (0..d).map(|_| f16::from_f32(next())).collect();
+            for lanes in [16, 64] {
+                let want = dot_lanes(lanes, d, |i| a[i], |i| b[i].to_f32(), true);
+                assert_eq!(dot_f16(lanes, &a, &b).to_bits(), want.to_bits());
+            }
+        }
     }
 }
