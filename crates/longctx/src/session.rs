@@ -219,12 +219,11 @@ impl Session {
             self.positions
                 .extend((0..chunk.len() as i32).map(|i| self.next_position + i));
             let slots = self.cache.push_slots(&self.positions)?;
-            self.scheme
-                .frequencies(self.cache.len(), &mut self.frequencies);
-            self.scratch.rotary.fill(
+            self.scheme.fill_table(
                 &self.positions,
-                &self.frequencies,
-                self.scheme.attention_factor(),
+                self.cache.len(),
+                &mut self.frequencies,
+                &mut self.scratch.rotary,
             );
             let last = done + chunk.len() == tokens.len();
             let (rows, out): (std::ops::Range<usize>, &mut [f32]) = match all_logits.as_deref_mut()

@@ -51,7 +51,6 @@ pub enum Reduction {
 impl Reduction {
     /// The kernel llama.cpp uses for a chunk (ubatch) of `n_tokens` tokens.
     // Allowed until `model::llama::attention` passes its chunk size through `attend_with`.
-    #[allow(dead_code)]
     pub fn for_chunk(n_tokens: usize) -> Self {
         if n_tokens >= 2 {
             Self::Gemm
@@ -264,7 +263,7 @@ const EXP_C5: f32 = f32::from_bits(0x3c07_2010);
 /// ggml's `ggml_v_expf` (AVX512 variant), one lane: `2^n · p(b)` with n = round(x·log2 e),
 /// b = x − n·ln 2 in two FMA steps, p a degree-5 polynomial; `_mm512_scalef_ps` applies 2^n with
 /// one rounding, and |n| > 192 saturates to 0 or ∞.
-fn expf(x: f32) -> f32 {
+pub(crate) fn expf(x: f32) -> f32 {
     let z = x.mul_add(EXP_LOG2E, EXP_ROUND);
     let n = z - EXP_ROUND;
     let b = (-n).mul_add(EXP_LN2_LO, (-n).mul_add(EXP_LN2_HI, x));
@@ -355,7 +354,7 @@ fn add_assign(a: &mut [f32], b: &[f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod simd {
+pub(crate) mod simd {
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -419,7 +418,7 @@ mod simd {
 
     /// [`super::expf`] on 8 lanes.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn expf8(x: __m256) -> __m256 {
+    pub(crate) unsafe fn expf8(x: __m256) -> __m256 {
         let r = _mm256_set1_ps(EXP_ROUND);
         let z = _mm256_fmadd_ps(x, _mm256_set1_ps(EXP_LOG2E), r);
         let n = _mm256_sub_ps(z, r);

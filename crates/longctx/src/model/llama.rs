@@ -7,8 +7,9 @@
 
 use crate::gguf::Gguf;
 use crate::kv::{AttentionObserver, KvCache};
-use crate::model::attention::attend;
+use crate::model::attention::{attend_with, Reduction};
 use crate::model::config::{Architecture, Config};
+use crate::model::swiglu::swiglu;
 use crate::positions::RotaryTable;
 use crate::quant::{matmul, ActCache, MatmulJob, Weight};
 use crate::threads::{split_range, ThreadPool};
@@ -323,9 +324,7 @@ fn silu_mul(pool: &ThreadPool, gate: &mut [f32], up: &[f32]) {
     pool.for_ranges(len, &|r| {
         // SAFETY: ranges from `for_ranges` are disjoint and inside `gate`.
         let gate = unsafe { std::slice::from_raw_parts_mut(g.get().add(r.start), r.len()) };
-        for (a, &b) in gate.iter_mut().zip(&up[r]) {
-            *a = *a / (1.0 + (-*a).exp()) * b;
-        }
+        swiglu(gate, &up[r]);
     });
 }
 
@@ -353,6 +352,7 @@ fn attention(
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let pairs = c.n_head * input.positions.len();
+    let reduction = Reduction::for_chunk(input.positions.len());
     pool.run(&|index, n| {
         let mut scratch = match scores[index].lock() {
             Ok(g) => g,
@@ -365,20 +365,22 @@ fn attention(
             // SAFETY: each (token, head) pair owns its `hd` outputs and is handled by one thread.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(at), hd) };
             let q = &input.q[at..at + hd];
-            attend(
+            let kv_head = h / group;
+            attend_with(
                 cache,
                 input.layer,
-                h / group,
+                kv_head,
                 visible,
                 q,
                 scale,
                 &mut scratch,
                 o,
+                reduction,
             );
             if let Some(obs) = observer {
                 let position = input.positions[i];
                 if obs.wants(input.layer, position) {
-                    // `attend` leaves the softmax weights in the score scratch.
+                    // `attend_with` leaves the softmax weights in the score scratch.
                     obs.observe(input.layer, h, h / group, position, &scratch[..visible]);
                 }
             }

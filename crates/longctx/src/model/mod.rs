@@ -3,6 +3,7 @@
 mod attention;
 mod config;
 mod llama;
+mod swiglu;
 
 pub use attention::attend;
 pub use config::{Architecture, Config};

@@ -19,6 +19,19 @@ pub trait PositionScheme: Send + Sync {
     fn attention_factor(&self) -> f32 {
         1.0
     }
+    /// Fills `table` with cos/sin for `positions`. The default forms angles from
+    /// [`PositionScheme::frequencies`] in f64; a scheme may override it to reproduce a peer's
+    /// arithmetic exactly. `freqs` is scratch.
+    fn fill_table(
+        &self,
+        positions: &[i32],
+        seq_len: usize,
+        freqs: &mut Vec<f64>,
+        table: &mut RotaryTable,
+    ) {
+        self.frequencies(seq_len, freqs);
+        table.fill(positions, freqs, self.attention_factor());
+    }
 }
 
 /// Cos/sin of every (position, pair) needed by one forward call, computed once and shared by all
@@ -47,29 +60,47 @@ impl RotaryTable {
         }
     }
 
+    /// Starts an empty table of `pairs` pairs per position, for schemes that fill it themselves.
+    pub fn clear(&mut self, pairs: usize) {
+        self.pairs = pairs;
+        self.cos.clear();
+        self.sin.clear();
+    }
+
     /// Rotates one head vector `x` (`head_dim` values, the first `2·pairs` rotated) for the
     /// `row`-th position of the table.
     pub fn rotate(&self, x: &mut [f32], row: usize, style: RopeStyle) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::quant::has_avx2() {
+            // SAFETY: the CPU has FMA.
+            return unsafe { self.rotate_fma(x, row, style) };
+        }
+        self.rotate_portable(x, row, style);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "fma")]
+    unsafe fn rotate_fma(&self, x: &mut [f32], row: usize, style: RopeStyle) {
+        self.rotate_portable(x, row, style);
+    }
+
+    /// x0' = x0·cos − x1·sin and x1' = x0·sin + x1·cos, each with one fused multiply-add as
+    /// llama.cpp's compiled rope kernel does, so rotated keys match it bit for bit.
+    #[inline(always)]
+    fn rotate_portable(&self, x: &mut [f32], row: usize, style: RopeStyle) {
         let cos = &self.cos[row * self.pairs..(row + 1) * self.pairs];
         let sin = &self.sin[row * self.pairs..(row + 1) * self.pairs];
-        match style {
+        let (stride, span) = match style {
             // Llama GGUFs: the converter permuted q/k so that pairs are adjacent values.
-            RopeStyle::Normal => {
-                for i in 0..self.pairs {
-                    let (a, b) = (x[2 * i], x[2 * i + 1]);
-                    x[2 * i] = a * cos[i] - b * sin[i];
-                    x[2 * i + 1] = a * sin[i] + b * cos[i];
-                }
-            }
+            RopeStyle::Normal => (2, 1),
             // Qwen2 and HF-layout models: pair i is (i, i + rot_dims/2).
-            RopeStyle::Neox => {
-                let half = self.pairs;
-                for i in 0..half {
-                    let (a, b) = (x[i], x[i + half]);
-                    x[i] = a * cos[i] - b * sin[i];
-                    x[i + half] = a * sin[i] + b * cos[i];
-                }
-            }
+            RopeStyle::Neox => (1, self.pairs),
+        };
+        for i in 0..self.pairs {
+            let (j, k) = (i * stride, i * stride + span);
+            let (a, b) = (x[j], x[k]);
+            x[j] = a.mul_add(cos[i], -(b * sin[i]));
+            x[k] = a.mul_add(sin[i], b * cos[i]);
         }
     }
 }

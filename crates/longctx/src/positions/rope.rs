@@ -2,7 +2,7 @@
 //! per dimension by the GGUF's `rope_freqs` factors where present (Llama 3.1+) and by a linear
 //! scaling factor where the GGUF declares one.
 
-use super::PositionScheme;
+use super::{PositionScheme, RotaryTable};
 
 /// Which dimensions form a rotated pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +33,32 @@ impl PositionScheme for ModelRope {
             let factor = self.freq_factors.as_ref().map_or(1.0, |f| f[i] as f64);
             base_freq / factor / self.linear_factor
         }));
+    }
+
+    /// llama.cpp's arithmetic, so logits match it bit for bit: θ starts at the position as f32
+    /// and is multiplied by base^(−2/d) (f32) once per pair, divided by the pair's frequency
+    /// factor and scaled by 1/linear factor, then cosf/sinf.
+    fn fill_table(
+        &self,
+        positions: &[i32],
+        _seq_len: usize,
+        _freqs: &mut Vec<f64>,
+        table: &mut RotaryTable,
+    ) {
+        let pairs = self.dims / 2;
+        table.clear(pairs);
+        let theta_scale = (self.base as f32).powf(-2.0 / self.dims as f32);
+        let freq_scale = (1.0 / self.linear_factor) as f32;
+        for &p in positions {
+            let mut theta = p as f32;
+            for i in 0..pairs {
+                let factor = self.freq_factors.as_ref().map_or(1.0, |f| f[i]);
+                let angle = freq_scale * (theta / factor);
+                table.cos.push(angle.cos());
+                table.sin.push(angle.sin());
+                theta *= theta_scale;
+            }
+        }
     }
 }
 

@@ -25,8 +25,8 @@ pub(super) fn f32_at(b: &[u8], at: usize) -> f32 {
     f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// Converts activations as ggml's quantize_row_q8_0/q8_1 do: scale by 127/amax, round half to
-/// even (the rounding its AVX path uses).
+/// Converts activations as ggml's x86 quantize_row_q8_0/q8_1 do: multiply by 127/amax (not by
+/// 1/d, which rounds differently), round half to even (`_mm256_round_ps`).
 pub(super) fn quantize_act(act: ActType, x: &[f32], out: &mut [u8]) {
     let cols = x.len();
     let blocks = cols / 32;
@@ -34,7 +34,7 @@ pub(super) fn quantize_act(act: ActType, x: &[f32], out: &mut [u8]) {
     for (b, xb) in x.chunks_exact(32).enumerate() {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (i, v) in xb.iter().enumerate() {
             let q = (v * id).round_ties_even() as i32;
