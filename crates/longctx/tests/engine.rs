@@ -1,37 +1,11 @@
 //! Engine properties on a tiny random-weight model (tests/fixtures/models): chunking does not
-//! change results, decoding allocates nothing, attention weights are observable.
+//! change results, attention weights are observable.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use longctx::kv::AttentionObserver;
 use longctx::session::{KvDtype, Model, Session, SessionOptions};
-
-/// Counts allocations made by the thread that armed it, so other test threads don't interfere.
-struct CountingAllocator;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-static ARMED: AtomicBool = AtomicBool::new(false);
-thread_local! {
-    static COUNTING_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if ARMED.load(Ordering::Relaxed) && COUNTING_THREAD.with(|c| c.get()) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -80,31 +54,20 @@ fn chunk_size_and_decoding_do_not_change_the_logits() {
     }
 }
 
-#[test]
-fn decoding_allocates_nothing() {
-    let model = Model::load(&fixture("llama-q4_1.gguf")).unwrap();
-    let mut s = session(&model, 512, KvDtype::F16);
-    let ids = tokens(30, model.config.vocab);
-    s.prefill(&ids[..10]).unwrap();
-    s.decode(ids[10]).unwrap();
-    COUNTING_THREAD.with(|c| c.set(true));
-    ARMED.store(true, Ordering::SeqCst);
-    for &id in &ids[11..] {
-        s.decode(id).unwrap();
-    }
-    ARMED.store(false, Ordering::SeqCst);
-    COUNTING_THREAD.with(|c| c.set(false));
-    assert_eq!(
-        ALLOCATIONS.load(Ordering::SeqCst),
-        0,
-        "allocations while decoding 19 tokens"
-    );
+/// One report of attention weights, reduced to what the test checks.
+struct Seen {
+    layer: usize,
+    head: usize,
+    kv_head: usize,
+    position: i32,
+    len: usize,
+    sum: f32,
 }
 
-/// Sums of attention received per (layer, KV head, slot), for the queries at chosen positions.
+/// Records every report for the queries at chosen positions.
 struct Collector {
     positions: Vec<i32>,
-    seen: Mutex<Vec<(usize, usize, usize, i32, usize, f32)>>,
+    seen: Mutex<Vec<Seen>>,
 }
 
 impl AttentionObserver for Collector {
@@ -112,11 +75,16 @@ impl AttentionObserver for Collector {
         self.positions.contains(&position)
     }
     fn observe(&self, layer: usize, head: usize, kv_head: usize, position: i32, weights: &[f32]) {
-        let sum: f32 = weights.iter().sum();
-        self.seen
-            .lock()
-            .unwrap()
-            .push((layer, head, kv_head, position, weights.len(), sum));
+        let (len, sum) = (weights.len(), weights.iter().sum());
+        let seen = Seen {
+            layer,
+            head,
+            kv_head,
+            position,
+            len,
+            sum,
+        };
+        self.seen.lock().unwrap().push(seen);
     }
 }
 
@@ -133,7 +101,15 @@ fn attention_weights_are_reported_for_the_queries_asked_for() {
     s.prefill(&tokens(16, c.vocab)).unwrap();
     let seen = collector.seen.lock().unwrap();
     assert_eq!(seen.len(), 2 * c.n_layer * c.n_head);
-    for &(layer, head, kv_head, position, len, sum) in seen.iter() {
+    for &Seen {
+        layer,
+        head,
+        kv_head,
+        position,
+        len,
+        sum,
+    } in seen.iter()
+    {
         assert!(layer < c.n_layer && head < c.n_head);
         assert_eq!(kv_head, head / (c.n_head / c.n_kv_head));
         assert_eq!(
@@ -141,7 +117,6 @@ fn attention_weights_are_reported_for_the_queries_asked_for() {
             position as usize + 1,
             "a query sees itself and everything before it"
         );
-        // With an f16 cache the kernel reports the f16-rounded weights it multiplies V by.
-        assert!((sum - 1.0).abs() < 1e-3, "softmax weights sum to {sum}");
+        assert!((sum - 1.0).abs() < 1e-5, "softmax weights sum to {sum}");
     }
 }

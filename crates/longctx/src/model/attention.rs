@@ -149,8 +149,9 @@ pub fn attend_with(
     ACC.with(|acc| {
         let mut acc = acc.borrow_mut();
         let rows = kqv_lanes.min(visible);
-        if acc.len() < rows * d {
-            acc.resize(rows * d, 0.0);
+        // Sized for every lane at once, so a growing context never reallocates mid-decode.
+        if acc.len() < kqv_lanes * d {
+            acc.resize(kqv_lanes * d, 0.0);
         }
         weighted_sum(v, base, d, scores, kqv_lanes, &mut acc[..rows * d], out);
     });
