@@ -68,6 +68,14 @@ fn log_sum_exp(row: &[f32]) -> f64 {
 
 // ---------------------------------------------------------------------------------------------
 // SmolLM2-135M-Instruct (Q4_1)
+//
+// How close can a second engine get? The fixtures measure llama.cpp against itself: the same
+// tokens fed one at a time instead of in 512-token batches (single-row kernels, so different
+// float32 rounding, which q8 activation quantization then amplifies over 30 layers). That moves
+// the mean NLL by 0.07%, each token's NLL by 0.060 on average (1.9% of the mean), and changes the
+// top-1 token at 4% of positions, all of them positions where the two best logits are within
+// 0.5 of each other. The limits below sit just outside that floor; a real bug (a wrong position,
+// a misread block) lands far outside it.
 
 #[derive(Deserialize)]
 struct ModelId {
@@ -78,10 +86,25 @@ struct ModelId {
 #[derive(Deserialize)]
 struct NllFixture {
     model: ModelId,
+    settings: NllSettings,
     ids: Vec<u32>,
     nll: Vec<f64>,
     top1_id: Vec<usize>,
-    settings: serde_json::Value,
+    top1_logit: Vec<f64>,
+    top2_logit: Vec<f64>,
+    llama_cpp_token_by_token: SelfCheck,
+}
+
+#[derive(Deserialize)]
+struct NllSettings {
+    n_ctx: usize,
+}
+
+#[derive(Deserialize)]
+struct SelfCheck {
+    mean_nll_relative_difference: f64,
+    per_token_mean_abs_diff: f64,
+    top1_agreement: f64,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +121,7 @@ struct GreedyCase {
     prompt_ids: Vec<u32>,
     continuation_ids: Vec<u32>,
     margins: Vec<f64>,
+    prompt_token_by_token_first_diff: Option<usize>,
 }
 
 /// The default model, loaded once and checked to be the file the fixtures were made from:
@@ -128,11 +152,17 @@ fn smollm2(expected: &ModelId) -> Arc<Model> {
 /// Per-token NLL over our own 2,787-token text, one chunked prefill as the engine does by default
 /// (512-token chunks, like llama.cpp's 512-token ubatches).
 ///
-/// The means must agree within 1%: that is the level at which a perplexity table would disagree
-/// with llama.cpp's in its third digit. Top-1 must agree at 99% of positions: the 1% slack is for
-/// positions where llama.cpp's two best logits are within rounding of each other.
+/// Mean NLL within 1% of llama.cpp's (the floor is 0.07%): a perplexity table would then differ
+/// in its third digit at most. Per-token NLL within 3% of the mean on average (floor 1.9%).
+/// Top-1 agreement at least 94% overall (floor 96%) and at least 99% where llama.cpp's best logit
+/// leads the second by 0.25 or more (floor 99.9%; 100% from a lead of 0.5).
 #[test]
 fn smollm2_nll_matches_llama_cpp() {
+    const MAX_MEAN_REL: f64 = 0.01;
+    const MAX_PER_TOKEN_REL: f64 = 0.03;
+    const MIN_TOP1: f64 = 0.94;
+    const CLEAR_LEAD: f64 = 0.25;
+    const MIN_TOP1_CLEAR: f64 = 0.99;
     let _guard = serial();
     let fx: NllFixture = read_json(&fixtures().join("smollm2/nll.json"));
     let model = smollm2(&fx.model);
@@ -140,22 +170,24 @@ fn smollm2_nll_matches_llama_cpp() {
     let n = fx.ids.len();
     assert_eq!(fx.nll.len(), n - 1);
 
-    let mut s = session(
-        &model,
-        fx.settings["n_ctx"].as_u64().unwrap_or(4096) as usize,
-    );
+    let mut s = session(&model, fx.settings.n_ctx);
     let start = Instant::now();
     let all = s.prefill_all_logits(&fx.ids).expect("prefill");
     let elapsed = start.elapsed();
     assert_eq!(all.len(), n * vocab);
 
     let mut ours = Vec::with_capacity(n - 1);
-    let mut top1_agree = 0;
+    let (mut agree, mut clear, mut agree_clear) = (0usize, 0usize, 0usize);
     for (i, row) in all.chunks_exact(vocab).enumerate() {
         if i + 1 < n {
             ours.push(log_sum_exp(row) - row[fx.ids[i + 1] as usize] as f64);
         }
-        top1_agree += usize::from(argmax(row) == fx.top1_id[i]);
+        let same = argmax(row) == fx.top1_id[i];
+        agree += usize::from(same);
+        if fx.top1_logit[i] - fx.top2_logit[i] >= CLEAR_LEAD {
+            clear += 1;
+            agree_clear += usize::from(same);
+        }
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (mean_ours, mean_llama) = (mean(&ours), mean(&fx.nll));
@@ -169,47 +201,65 @@ fn smollm2_nll_matches_llama_cpp() {
         .iter()
         .enumerate()
         .fold((0, 0.0f64), |w, (i, &d)| if d > w.1 { (i, d) } else { w });
-    let rel_means = (mean_ours - mean_llama).abs() / mean_llama;
-    let agreement = top1_agree as f64 / n as f64;
+    let mean_rel = (mean_ours - mean_llama).abs() / mean_llama;
+    let top1 = agree as f64 / n as f64;
+    let top1_clear = agree_clear as f64 / clear as f64;
+    let floor = &fx.llama_cpp_token_by_token;
     eprintln!(
-        "smollm2 nll: {n} tokens in {:.1} s; mean NLL ours {mean_ours:.5}, llama.cpp {mean_llama:.5} \
-         (relative difference {:.3}%); per-token mean |diff| {per_token:.5} ({:.3}% of the mean), \
-         worst {:.4} at position {}; top-1 agreement {:.2}%",
+        "smollm2 nll: {n} tokens in {:.1} s; mean NLL ours {mean_ours:.5}, llama.cpp {mean_llama:.5}: \
+         {:.3}% apart (llama.cpp vs itself {:.3}%); per-token mean |diff| {per_token:.5} \
+         (llama.cpp vs itself {:.5}), worst {:.4} at position {}; top-1 agreement {:.2}% \
+         (llama.cpp vs itself {:.2}%), {:.2}% of {clear} positions with a lead >= {CLEAR_LEAD}",
         elapsed.as_secs_f64(),
-        100.0 * rel_means,
-        100.0 * per_token / mean_llama,
+        100.0 * mean_rel,
+        100.0 * floor.mean_nll_relative_difference,
+        floor.per_token_mean_abs_diff,
         worst.1,
         worst.0,
-        100.0 * agreement
+        100.0 * top1,
+        100.0 * floor.top1_agreement,
+        100.0 * top1_clear,
     );
     assert!(
-        rel_means <= 0.01,
-        "mean NLL differs from llama.cpp's by {:.3}% (> 1%)",
-        100.0 * rel_means
+        mean_rel <= MAX_MEAN_REL,
+        "mean NLL differs from llama.cpp's by {:.3}% (limit {:.1}%)",
+        100.0 * mean_rel,
+        100.0 * MAX_MEAN_REL
     );
-    // A mean can agree while the tokens behind it do not (errors of both signs cancel); 5% of
-    // the mean NLL per token is far above rounding noise and far below any real bug.
+    // A mean can agree while the tokens behind it do not: errors of both signs cancel.
     assert!(
-        per_token <= 0.05 * mean_llama,
-        "per-token NLL differs from llama.cpp's by {per_token:.4} on average (> 5% of the mean)"
+        per_token <= MAX_PER_TOKEN_REL * mean_llama,
+        "per-token NLL differs from llama.cpp's by {per_token:.4} on average ({:.2}% of the mean, limit {:.0}%)",
+        100.0 * per_token / mean_llama,
+        100.0 * MAX_PER_TOKEN_REL
     );
     assert!(
-        agreement >= 0.99,
-        "top-1 agrees with llama.cpp at only {:.2}% of positions",
-        100.0 * agreement
+        top1 >= MIN_TOP1,
+        "top-1 agrees with llama.cpp at only {:.2}% of positions (limit {:.0}%)",
+        100.0 * top1,
+        100.0 * MIN_TOP1
+    );
+    assert!(
+        top1_clear >= MIN_TOP1_CLEAR,
+        "top-1 agrees with llama.cpp at only {:.2}% of the {clear} positions where its lead is >= {CLEAR_LEAD} \
+         (limit {:.0}%)",
+        100.0 * top1_clear,
+        100.0 * MIN_TOP1_CLEAR
     );
 }
 
-/// Greedy decoding of 24 prompts for 64 tokens each, prefill then one token at a time, exactly
-/// as llama.cpp made them (it did not stop at EOS, so neither do we).
+/// Greedy decoding of 24 prompts for 64 tokens each: prefill the prompt, then decode the argmax
+/// one token at a time, as llama.cpp did (it did not stop at EOS, so neither do we).
 ///
-/// The prompts were chosen so that llama.cpp's top-1/top-2 margin is at least 0.02 at every step;
-/// a divergence is still forgiven where that margin was under `NEAR_TIE`, because there the
-/// choice rests on rounding, but at least 20 prompts must match all 64 tokens.
+/// llama.cpp does not reproduce its own continuations exactly: with the prompt fed one token at a
+/// time, 9 of the 24 leave the stored path, at steps where its top-1 led by 0.03 to 0.31. So a
+/// divergence is a failure only where llama.cpp's lead was `NEAR_TIE` (0.5) or more, which two
+/// valid computations never flipped in the NLL measurement, and at least `MIN_EXACT` prompts must
+/// match all 64 tokens (llama.cpp against itself: 15).
 #[test]
 fn smollm2_greedy_matches_llama_cpp() {
-    const NEAR_TIE: f64 = 0.05;
-    const MIN_EXACT: usize = 20;
+    const NEAR_TIE: f64 = 0.5;
+    const MIN_EXACT: usize = 10;
     let _guard = serial();
     let fx: GreedyFixture = read_json(&fixtures().join("smollm2/greedy.json"));
     let model = smollm2(&fx.model);
@@ -233,28 +283,27 @@ fn smollm2_greedy_matches_llama_cpp() {
         for (step, &want) in case.continuation_ids.iter().enumerate() {
             let got = argmax(&logits) as u32;
             if got != want {
-                let ours_margin = logits[got as usize] - logits[want as usize];
-                diverged = Some((step, got, want, ours_margin));
+                let ours_lead = logits[got as usize] - logits[want as usize];
+                diverged = Some((step, got, want, ours_lead));
                 break;
             }
             if step + 1 < fx.n_generate {
                 logits = s.decode(got).expect("decode").to_vec();
             }
         }
-        match diverged {
-            None => exact += 1,
-            Some((step, got, want, ours_margin)) => {
-                let line = format!(
-                    "prompt {} ({:?}): first difference at step {step}: ours {got}, llama.cpp {want} \
-                     (llama.cpp's margin {:.4}, ours {ours_margin:.4})",
-                    case.index, case.prompt, case.margins[step]
-                );
-                if case.margins[step] < NEAR_TIE {
-                    forgiven.push(line);
-                } else {
-                    failures.push(line);
-                }
-            }
+        let Some((step, got, want, ours_lead)) = diverged else {
+            exact += 1;
+            continue;
+        };
+        let line = format!(
+            "prompt {} {:?}: first difference at step {step}: ours {got}, llama.cpp {want} \
+             (llama.cpp's lead {:.4}, ours {ours_lead:.4}; llama.cpp fed token by token leaves at {:?})",
+            case.index, case.prompt, case.margins[step], case.prompt_token_by_token_first_diff
+        );
+        if case.margins[step] < NEAR_TIE {
+            forgiven.push(line);
+        } else {
+            failures.push(line);
         }
     }
     eprintln!(
@@ -264,7 +313,7 @@ fn smollm2_greedy_matches_llama_cpp() {
         start.elapsed().as_secs_f64()
     );
     for line in &forgiven {
-        eprintln!("  near tie (forgiven): {line}");
+        eprintln!("  near tie: {line}");
     }
     assert!(
         failures.is_empty() && exact >= MIN_EXACT,
@@ -287,7 +336,10 @@ struct TinyFixture {
     weight_type: String,
     n_vocab: usize,
     ids: Vec<u32>,
+    /// All ids fed in one batch.
     logits: Vec<Vec<f64>>,
+    /// The ids fed one at a time.
+    logits_token_by_token: Vec<Vec<f64>>,
 }
 
 /// Allowed (max |diff|, mean |diff|), in units of the standard deviation of llama.cpp's logits.
@@ -297,10 +349,12 @@ struct TinyFixture {
 /// stored weights (`vs_f64_reference` in each fixture), that rounding costs, as max / mean:
 /// F32 0.0017 / 0.0003 std (the f16 cache), F16 0.0036 / 0.0006, BF16 0.019 / 0.004, and for the
 /// q8-activation types 0.075–0.15 / 0.015–0.025. In these random networks a single f16 or q8
-/// rounding that falls the other way moves the later logits by ~0.06 std (llama.cpp differs from
-/// itself by that much between batched and one-token-at-a-time evaluation of the Q4_K model),
-/// so a correct engine may land anywhere within that band. The limits are about twice the
-/// measured band; a misread scale, a wrong rotary pairing or a missing bias costs 0.5–3 std.
+/// rounding that falls the other way moves the later logits by ~0.06–0.1 std: llama.cpp's own
+/// batched and one-token-at-a-time results differ by that much on the K-quant and rope_freqs
+/// models (`token_by_token_vs_batch_max_abs_diff`), so a correct engine may land anywhere within
+/// that band. The limits are about twice the measured band. Real mistakes cost far more:
+/// ignoring `rope_freqs` moves the logits of its model by up to 1.4 std, rotating qwen2's pairs
+/// the llama way by up to 2.8 std.
 fn tolerance(weight_type: &str) -> (f64, f64) {
     match weight_type {
         "F32" => (0.005, 0.001),
@@ -310,7 +364,7 @@ fn tolerance(weight_type: &str) -> (f64, f64) {
     }
 }
 
-fn tiny_fixtures() -> Vec<(PathBuf, TinyFixture)> {
+fn tiny_fixtures() -> Vec<(String, Arc<Model>, TinyFixture)> {
     let dir = fixtures().join("models");
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
@@ -327,7 +381,15 @@ fn tiny_fixtures() -> Vec<(PathBuf, TinyFixture)> {
         .into_iter()
         .map(|p| {
             let fx: TinyFixture = read_json(&p);
-            (dir.join(&fx.file), fx)
+            let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+            let model = Model::load(&dir.join(&fx.file))
+                .unwrap_or_else(|e| panic!("{name}: cannot load: {e}"));
+            assert_eq!(
+                model.tokenizer.vocab_size(),
+                fx.n_vocab,
+                "{name}: vocabulary size"
+            );
+            (name, model, fx)
         })
         .collect()
 }
@@ -344,69 +406,70 @@ fn std_dev(rows: &[Vec<f64>]) -> f64 {
         .sqrt()
 }
 
-#[test]
-fn tiny_models_match_llama_cpp() {
-    let _guard = serial();
-    let mut failures = Vec::new();
-    for (path, fx) in tiny_fixtures() {
-        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        let model = Model::load(&path).unwrap_or_else(|e| panic!("{name}: cannot load: {e}"));
-        let vocab = model.tokenizer.vocab_size();
-        assert_eq!(vocab, fx.n_vocab, "{name}: vocabulary size");
-        let all = session(&model, 0)
-            .prefill_all_logits(&fx.ids)
-            .expect("prefill");
-
-        let std = std_dev(&fx.logits);
-        let (max_tol, mean_tol) = tolerance(&fx.weight_type);
-        let (mut max_diff, mut sum_diff, mut worst_pos) = (0.0f64, 0.0f64, 0);
-        let mut argmax_bad = Vec::new();
-        let mut near_ties = 0;
-        for (pos, (ours, theirs)) in all.chunks_exact(vocab).zip(&fx.logits).enumerate() {
-            for (&a, &b) in ours.iter().zip(theirs) {
-                // NaN would slip through every comparison below; count it as infinitely wrong.
-                let d = if a.is_finite() {
-                    (a as f64 - b).abs()
-                } else {
-                    f64::INFINITY
-                };
-                sum_diff += d;
-                if d > max_diff {
-                    (max_diff, worst_pos) = (d, pos);
-                }
-            }
-            // Rounding can only swap the top token where llama.cpp's two best logits are about
-            // as close as the typical (mean) difference; the max tolerance would excuse nearly
-            // every position of these flat random-weight distributions.
-            let theirs_f32: Vec<f32> = theirs.iter().map(|&v| v as f32).collect();
-            let (best, got) = (argmax(&theirs_f32), argmax(ours));
-            let second = theirs
-                .iter()
-                .enumerate()
-                .filter(|&(i, _)| i != best)
-                .fold(f64::NEG_INFINITY, |m, (_, &v)| m.max(v));
-            if theirs[best] - second < 2.0 * mean_tol * std {
-                near_ties += 1;
-            } else if got != best {
-                argmax_bad.push(format!("position {pos}: ours {got}, llama.cpp {best}"));
+/// Compares `ours` (row-major `[positions, vocab]`) with reference rows under the tolerance of
+/// `weight_type`; returns a one-line report and whether it passed.
+fn compare(name: &str, weight_type: &str, ours: &[f32], reference: &[Vec<f64>]) -> (String, bool) {
+    let vocab = reference[0].len();
+    assert_eq!(ours.len(), reference.len() * vocab, "{name}: logits shape");
+    let std = std_dev(reference);
+    let (max_tol, mean_tol) = tolerance(weight_type);
+    let (mut max_diff, mut sum_diff, mut worst_pos) = (0.0f64, 0.0f64, 0);
+    let mut argmax_bad = Vec::new();
+    let mut near_ties = 0;
+    for (pos, (row, theirs)) in ours.chunks_exact(vocab).zip(reference).enumerate() {
+        for (&a, &b) in row.iter().zip(theirs) {
+            // NaN would slip through every comparison below; count it as infinitely wrong.
+            let d = if a.is_finite() {
+                (a as f64 - b).abs()
+            } else {
+                f64::INFINITY
+            };
+            sum_diff += d;
+            if d > max_diff {
+                (max_diff, worst_pos) = (d, pos);
             }
         }
-        let mean_diff = sum_diff / (fx.logits.len() * vocab) as f64;
-        eprintln!(
-            "{name:24} {:5}: max |diff| {max_diff:.2e} ({:.4} std, limit {max_tol}) at position {worst_pos}, \
-             mean {mean_diff:.2e} ({:.5} std, limit {mean_tol}); {near_ties} near-tie positions",
-            fx.weight_type,
-            max_diff / std,
-            mean_diff / std
-        );
-        let ok = max_diff <= max_tol * std && mean_diff <= mean_tol * std && argmax_bad.is_empty();
+        // Rounding can only swap the top token where the reference's two best logits are about
+        // as close as the typical (mean) difference; the max tolerance would excuse nearly every
+        // position of these flat random-weight distributions.
+        let theirs_f32: Vec<f32> = theirs.iter().map(|&v| v as f32).collect();
+        let (best, got) = (argmax(&theirs_f32), argmax(row));
+        let second = theirs
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != best)
+            .fold(f64::NEG_INFINITY, |m, (_, &v)| m.max(v));
+        if theirs[best] - second < 2.0 * mean_tol * std {
+            near_ties += 1;
+        } else if got != best {
+            argmax_bad.push(format!("position {pos}: ours {got}, reference {best}"));
+        }
+    }
+    let mean_diff = sum_diff / ours.len() as f64;
+    let ok = max_diff <= max_tol * std && mean_diff <= mean_tol * std && argmax_bad.is_empty();
+    let report = format!(
+        "{name:24} {weight_type:5}: max |diff| {max_diff:.2e} ({:.4} std, limit {max_tol}) at position {worst_pos}, \
+         mean {mean_diff:.2e} ({:.5} std, limit {mean_tol}); {near_ties} near ties excused; argmax differs: [{}]",
+        max_diff / std,
+        mean_diff / std,
+        argmax_bad.join("; ")
+    );
+    (report, ok)
+}
+
+/// All ids in one prefill, against llama.cpp's batched logits.
+#[test]
+fn tiny_models_prefill_matches_llama_cpp() {
+    let _guard = serial();
+    let mut failures = Vec::new();
+    for (name, model, fx) in tiny_fixtures() {
+        let ours = session(&model, 0)
+            .prefill_all_logits(&fx.ids)
+            .expect("prefill");
+        let (report, ok) = compare(&name, &fx.weight_type, &ours, &fx.logits);
+        eprintln!("{report}");
         if !ok {
-            failures.push(format!(
-                "{name}: max |diff| {:.4} std (limit {max_tol}), mean {:.5} std (limit {mean_tol}), argmax: [{}]",
-                max_diff / std,
-                mean_diff / std,
-                argmax_bad.join("; ")
-            ));
+            failures.push(report);
         }
     }
     assert!(
@@ -416,25 +479,20 @@ fn tiny_models_match_llama_cpp() {
     );
 }
 
-/// Prefill in one chunk and prefill of one token followed by decoding the rest must give the
-/// same logits: the cache a chunk leaves behind is the one decoding continues from. 1e-4 allows
-/// a different summation order in the attention over one query versus many, but not a rounding
-/// of K or V that depends on the batch (which, as the fixture notes explain, would move these
-/// logits by ~0.1).
+/// One token of prefill, then decoding the rest one at a time: against llama.cpp fed the same
+/// way, and against our own batched prefill. Neither equality is exact: llama.cpp's one-row
+/// kernels round differently from its batched ones, by up to 0.1 std on these models, so the
+/// same per-type tolerance applies. A cache that loses, misplaces or mis-rotates a token costs
+/// whole standard deviations.
 #[test]
-fn tiny_models_prefill_equals_decode() {
-    const TOL: f64 = 1e-4;
+fn tiny_models_decode_matches_llama_cpp() {
     let _guard = serial();
     let mut failures = Vec::new();
-    for (path, fx) in tiny_fixtures() {
-        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        let model = Model::load(&path).unwrap_or_else(|e| panic!("{name}: cannot load: {e}"));
-        let vocab = model.tokenizer.vocab_size();
+    for (name, model, fx) in tiny_fixtures() {
         let mut s = session(&model, 0);
         let batch = s.prefill_all_logits(&fx.ids).expect("prefill");
         s.reset();
-        let mut max_diff = 0.0f64;
-        let mut first_bad = None;
+        let mut decoded = Vec::with_capacity(batch.len());
         for (pos, &id) in fx.ids.iter().enumerate() {
             let row = if pos == 0 {
                 s.prefill(&[id])
@@ -442,31 +500,27 @@ fn tiny_models_prefill_equals_decode() {
                 s.decode(id)
             }
             .expect("step");
-            let d = row
-                .iter()
-                .zip(&batch[pos * vocab..(pos + 1) * vocab])
-                .map(|(&a, &b)| {
-                    if a.is_finite() && b.is_finite() {
-                        (a - b).abs() as f64
-                    } else {
-                        f64::INFINITY
-                    }
-                })
-                .fold(0.0f64, f64::max);
-            if d > TOL && first_bad.is_none() {
-                first_bad = Some(pos);
-            }
-            max_diff = max_diff.max(d);
+            decoded.extend_from_slice(row);
         }
-        if let Some(pos) = first_bad {
-            failures.push(format!(
-                "{name}: max |diff| {max_diff:.2e}, first above {TOL} at position {pos}"
-            ));
+        let vocab = fx.n_vocab;
+        let batch_rows: Vec<Vec<f64>> = batch
+            .chunks_exact(vocab)
+            .map(|r| r.iter().map(|&v| v as f64).collect())
+            .collect();
+        for (label, reference) in [
+            ("vs llama.cpp", &fx.logits_token_by_token),
+            ("vs our prefill", &batch_rows),
+        ] {
+            let (report, ok) = compare(&name, &fx.weight_type, &decoded, reference);
+            eprintln!("{report} ({label})");
+            if !ok {
+                failures.push(format!("{report} ({label})"));
+            }
         }
     }
     assert!(
         failures.is_empty(),
-        "one-token decoding disagrees with batched prefill:\n{}",
+        "one-token decoding disagrees:\n{}",
         failures.join("\n")
     );
 }
