@@ -3,7 +3,8 @@
 //! The golden data come from llama.cpp through llama-cpp-python, made by the scripts beside them:
 //! `tests/fixtures/smollm2/make_fixtures.py` (the default model: per-token NLL over a 2.8K-token
 //! text, greedy continuations) and `tests/fixtures/models/make_models.py` (tiny random-weight
-//! models, one per weight type and architecture feature, with full logits).
+//! models, one per weight type and architecture feature, with full logits fed in one batch and
+//! fed one token at a time).
 //!
 //! The SmolLM2 tests need the default model: `LONGCTX_TEST_MODEL` (a path or a model name) if set,
 //! otherwise whatever `fetch::resolve_model(None)` finds or fetches.
