@@ -4,6 +4,10 @@
 //!
 //! Every weight block is turned into 32 unsigned bytes (Q4_1) or into |w| plus a sign (Q4_0,
 //! Q8_0, ggml's sign trick), so that one `maddubs` multiplies it with 32 signed activation bytes.
+//!
+//! The kernels are stamped out twice by `block_kernels!`, once for AVX2 and once with AVX512-VNNI
+//! enabled: every helper must carry the same target features as its caller, or LLVM leaves the
+//! intrinsics inside it as out-of-line calls (measured: a third of prefill time).
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -19,69 +23,23 @@ pub(crate) fn has_avx2() -> bool {
     })
 }
 
-#[inline(always)]
-unsafe fn half(p: *const u8) -> f32 {
-    let bits = std::ptr::read_unaligned(p.cast::<u16>());
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
-
-#[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
-}
-
-/// 16 packed bytes of nibbles → 32 bytes, values 0..15, in element order.
-#[inline(always)]
-unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
-    let packed = _mm_loadu_si128(p.cast());
-    let low = _mm_and_si128(packed, _mm_set1_epi8(15));
-    let high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(15));
-    _mm256_set_m128i(high, low)
-}
-
 /// Σ u·s over 32 byte pairs, as 8 f32 lanes (lane i = the 4 products of bytes 4i..4i+4).
-/// With VNNI one `vpdpbusd` does what `maddubs` + `madd` do; the integer results are identical.
-#[inline(always)]
-unsafe fn products<const VNNI: bool>(unsigned: __m256i, signed: __m256i) -> __m256 {
-    if VNNI {
-        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(
-            _mm256_setzero_si256(),
-            unsigned,
-            signed,
-        ))
-    } else {
-        let pairs = _mm256_maddubs_epi16(unsigned, signed);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn products_avx2(unsigned: __m256i, signed: __m256i) -> __m256 {
+    let pairs = _mm256_maddubs_epi16(unsigned, signed);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
 }
 
-/// The weight block in a form ready for `products`: (unsigned bytes, sign source, d, m).
-#[inline(always)]
-unsafe fn load_weight(wtype: WeightType, b: *const u8) -> (__m256i, __m256i, f32, f32) {
-    match wtype {
-        WeightType::Q4_1 => {
-            // d and m are adjacent f16s: one conversion for both.
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b.cast::<i32>())));
-            let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-            (
-                unpack_nibbles(b.add(4)),
-                _mm256_setzero_si256(),
-                _mm_cvtss_f32(dm),
-                m,
-            )
-        }
-        WeightType::Q4_0 => {
-            let signed = _mm256_sub_epi8(unpack_nibbles(b.add(2)), _mm256_set1_epi8(8));
-            (_mm256_sign_epi8(signed, signed), signed, half(b), 0.0)
-        }
-        _ => {
-            let signed = _mm256_loadu_si256(b.add(2).cast());
-            (_mm256_sign_epi8(signed, signed), signed, half(b), 0.0)
-        }
-    }
+/// The same with one `vpdpbusd`; the integer results are identical.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn products_vnni(unsigned: __m256i, signed: __m256i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(
+        _mm256_setzero_si256(),
+        unsigned,
+        signed,
+    ))
 }
 
 /// One activation row in our layout: 8-bit values, then f32 scales, then (Q8_1) f32 sums.
@@ -105,85 +63,140 @@ impl Row {
     }
 }
 
-/// Adds block `i` of row `x` times the weight block to `acc`; returns the Q4_1 minimum term m·s
-/// separately (ggml sums it apart from the vector accumulator too).
-#[inline(always)]
-unsafe fn block<const VNNI: bool>(
-    wtype: WeightType,
-    w: (__m256i, __m256i, f32, f32),
-    x: Row,
-    i: usize,
-    acc: &mut __m256,
-) -> f32 {
-    let (unsigned, sign, dw, m) = w;
-    let q = _mm256_loadu_si256(x.qs.add(32 * i).cast());
-    let scale = _mm256_set1_ps(dw * std::ptr::read_unaligned(x.d.add(i)));
-    if wtype == WeightType::Q4_1 {
-        *acc = _mm256_fmadd_ps(scale, products::<VNNI>(unsigned, q), *acc);
-        m * std::ptr::read_unaligned(x.s.add(i))
-    } else {
-        *acc = _mm256_fmadd_ps(
-            scale,
-            products::<VNNI>(unsigned, _mm256_sign_epi8(q, sign)),
-            *acc,
-        );
-        0.0
-    }
-}
+macro_rules! block_kernels {
+    ($features:literal, $products:ident) => {
+        use super::*;
 
-#[inline(always)]
-unsafe fn dot_impl<const VNNI: bool>(wtype: WeightType, w: &[u8], a: &[u8], cols: usize) -> f32 {
-    let wb = wtype.block().1;
-    let wp = w.as_ptr();
-    let x = Row::new(a, cols);
-    let mut acc = _mm256_setzero_ps();
-    let mut extra = 0f32;
-    for i in 0..cols / 32 {
-        let wv = load_weight(wtype, wp.add(i * wb));
-        extra += block::<VNNI>(wtype, wv, x, i, &mut acc);
-    }
-    hsum(acc) + extra
-}
-
-#[inline(always)]
-unsafe fn dot_x4_impl<const VNNI: bool>(
-    wtype: WeightType,
-    w: &[u8],
-    a: [&[u8]; 4],
-    cols: usize,
-) -> [f32; 4] {
-    let wb = wtype.block().1;
-    let wp = w.as_ptr();
-    let rows = a.map(|r| Row::new(r, cols));
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut extra = [0f32; 4];
-    for i in 0..cols / 32 {
-        let wv = load_weight(wtype, wp.add(i * wb));
-        for r in 0..4 {
-            extra[r] += block::<VNNI>(wtype, wv, rows[r], i, &mut acc[r]);
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn half(p: *const u8) -> f32 {
+            let bits = std::ptr::read_unaligned(p.cast::<u16>());
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
         }
-    }
-    [0, 1, 2, 3].map(|r| hsum(acc[r]) + extra[r])
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn hsum(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+
+        /// 16 packed bytes of nibbles → 32 bytes, values 0..15, in element order.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
+            let packed = _mm_loadu_si128(p.cast());
+            let low = _mm_and_si128(packed, _mm_set1_epi8(15));
+            let high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(15));
+            _mm256_set_m128i(high, low)
+        }
+
+        /// The weight block ready for the products: (unsigned bytes, sign source, d, m).
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn load_weight(wtype: WeightType, b: *const u8) -> (__m256i, __m256i, f32, f32) {
+            match wtype {
+                WeightType::Q4_1 => {
+                    // d and m are adjacent f16s: one conversion for both.
+                    let dm =
+                        _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b.cast::<i32>())));
+                    let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+                    (
+                        unpack_nibbles(b.add(4)),
+                        _mm256_setzero_si256(),
+                        _mm_cvtss_f32(dm),
+                        m,
+                    )
+                }
+                WeightType::Q4_0 => {
+                    let signed = _mm256_sub_epi8(unpack_nibbles(b.add(2)), _mm256_set1_epi8(8));
+                    (_mm256_sign_epi8(signed, signed), signed, half(b), 0.0)
+                }
+                _ => {
+                    let signed = _mm256_loadu_si256(b.add(2).cast());
+                    (_mm256_sign_epi8(signed, signed), signed, half(b), 0.0)
+                }
+            }
+        }
+
+        /// Adds block `i` of row `x` times the weight block to `acc`; returns the Q4_1 minimum
+        /// term m·s separately (ggml sums it apart from the vector accumulator too).
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn block(
+            wtype: WeightType,
+            w: (__m256i, __m256i, f32, f32),
+            x: Row,
+            i: usize,
+            acc: &mut __m256,
+        ) -> f32 {
+            let (unsigned, sign, dw, m) = w;
+            let q = _mm256_loadu_si256(x.qs.add(32 * i).cast());
+            let scale = _mm256_set1_ps(dw * std::ptr::read_unaligned(x.d.add(i)));
+            if wtype == WeightType::Q4_1 {
+                *acc = _mm256_fmadd_ps(scale, $products(unsigned, q), *acc);
+                m * std::ptr::read_unaligned(x.s.add(i))
+            } else {
+                *acc = _mm256_fmadd_ps(scale, $products(unsigned, _mm256_sign_epi8(q, sign)), *acc);
+                0.0
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn dot(wtype: WeightType, w: &[u8], a: &[u8], cols: usize) -> f32 {
+            let wb = wtype.block().1;
+            let wp = w.as_ptr();
+            let x = Row::new(a, cols);
+            let mut acc = _mm256_setzero_ps();
+            let mut extra = 0f32;
+            for i in 0..cols / 32 {
+                let wv = load_weight(wtype, wp.add(i * wb));
+                extra += block(wtype, wv, x, i, &mut acc);
+            }
+            hsum(acc) + extra
+        }
+
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn dot_x4(
+            wtype: WeightType,
+            w: &[u8],
+            a: [&[u8]; 4],
+            cols: usize,
+        ) -> [f32; 4] {
+            let wb = wtype.block().1;
+            let wp = w.as_ptr();
+            let rows = [
+                Row::new(a[0], cols),
+                Row::new(a[1], cols),
+                Row::new(a[2], cols),
+                Row::new(a[3], cols),
+            ];
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut extra = [0f32; 4];
+            for i in 0..cols / 32 {
+                let wv = load_weight(wtype, wp.add(i * wb));
+                for r in 0..4 {
+                    extra[r] += block(wtype, wv, rows[r], i, &mut acc[r]);
+                }
+            }
+            [
+                hsum(acc[0]) + extra[0],
+                hsum(acc[1]) + extra[1],
+                hsum(acc[2]) + extra[2],
+                hsum(acc[3]) + extra[3],
+            ]
+        }
+    };
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_avx2(wtype: WeightType, w: &[u8], a: &[u8], cols: usize) -> f32 {
-    dot_impl::<false>(wtype, w, a, cols)
+mod avx2 {
+    block_kernels!("avx2,fma,f16c", products_avx2);
 }
 
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn dot_vnni(wtype: WeightType, w: &[u8], a: &[u8], cols: usize) -> f32 {
-    dot_impl::<true>(wtype, w, a, cols)
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_x4_avx2(wtype: WeightType, w: &[u8], a: [&[u8]; 4], cols: usize) -> [f32; 4] {
-    dot_x4_impl::<false>(wtype, w, a, cols)
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn dot_x4_vnni(wtype: WeightType, w: &[u8], a: [&[u8]; 4], cols: usize) -> [f32; 4] {
-    dot_x4_impl::<true>(wtype, w, a, cols)
+mod vnni {
+    block_kernels!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", products_vnni);
 }
 
 fn has_vnni() -> bool {
@@ -199,9 +212,9 @@ fn has_vnni() -> bool {
 /// The CPU must have AVX2, FMA and F16C ([`has_avx2`]).
 pub(super) unsafe fn dot(wtype: WeightType, w: &[u8], a: &[u8], cols: usize) -> f32 {
     if has_vnni() {
-        dot_vnni(wtype, w, a, cols)
+        vnni::dot(wtype, w, a, cols)
     } else {
-        dot_avx2(wtype, w, a, cols)
+        avx2::dot(wtype, w, a, cols)
     }
 }
 
@@ -209,8 +222,54 @@ pub(super) unsafe fn dot(wtype: WeightType, w: &[u8], a: &[u8], cols: usize) -> 
 /// As [`dot`].
 pub(super) unsafe fn dot_x4(wtype: WeightType, w: &[u8], a: [&[u8]; 4], cols: usize) -> [f32; 4] {
     if has_vnni() {
-        dot_x4_vnni(wtype, w, a, cols)
+        vnni::dot_x4(wtype, w, a, cols)
     } else {
-        dot_x4_avx2(wtype, w, a, cols)
+        avx2::dot_x4(wtype, w, a, cols)
     }
+}
+
+/// ggml's x86 `quantize_row_q8_0`/`q8_1` for one 32-value block into our layout: 127/amax scale,
+/// `_mm256_round_ps` to nearest even, integer sum for Q8_1. Returns (d, Σq).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `x` holds 32 values and `qs` 32 bytes.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_block(x: &[f32], qs: &mut [u8]) -> (f32, i32) {
+    let p = x.as_ptr();
+    let v = [
+        _mm256_loadu_ps(p),
+        _mm256_loadu_ps(p.add(8)),
+        _mm256_loadu_ps(p.add(16)),
+        _mm256_loadu_ps(p.add(24)),
+    ];
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_andnot_ps(sign, v[0]);
+    for vi in &v[1..] {
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vi));
+    }
+    let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+    let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    let amax = _mm_cvtss_f32(m4);
+    let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+    let q: [__m256i; 4] = std::array::from_fn(|i| {
+        _mm256_cvtps_epi32(_mm256_round_ps(
+            _mm256_mul_ps(v[i], id),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        ))
+    });
+    let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let s4 = _mm_add_epi32(
+        _mm256_extracti128_si256(sum, 1),
+        _mm256_castsi256_si128(sum),
+    );
+    let s4 = _mm_hadd_epi32(s4, s4);
+    let s4 = _mm_hadd_epi32(s4, s4);
+    // Pack 32-bit → 16-bit → 8-bit; the packs interleave 128-bit lanes, the permute undoes it.
+    let lo = _mm256_packs_epi32(q[0], q[1]);
+    let hi = _mm256_packs_epi32(q[2], q[3]);
+    let bytes = _mm256_packs_epi16(lo, hi);
+    let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(qs.as_mut_ptr().cast(), bytes);
+    (amax / 127.0, _mm_cvtsi128_si32(s4))
 }
