@@ -153,15 +153,15 @@ fn smollm2(expected: &ModelId) -> Arc<Model> {
 /// Per-token NLL over our own 2,787-token text, one chunked prefill as the engine does by default
 /// (512-token chunks, like llama.cpp's 512-token ubatches).
 ///
-/// Mean NLL within 1% of llama.cpp's (the floor is 0.07%): a perplexity table would then differ
-/// in its third digit at most. Per-token NLL within 3% of the mean on average (floor 1.9%).
-/// Top-1 agreement at least 94% overall (floor 96%) and at least 99% where llama.cpp's best logit
-/// leads the second by 0.25 or more (floor 99.9%; 100% from a lead of 0.5).
+/// The engine reproduces llama.cpp's arithmetic (same chunking, same kernels' rounding), so the
+/// limits are the issue's, well inside what llama.cpp achieves against itself when fed
+/// differently: mean NLL within 1%, per-token NLL within 1% of the mean on average, top-1 agreement
+/// at least 99% overall and where llama.cpp's best logit leads by 0.25 or more.
 #[test]
 fn smollm2_nll_matches_llama_cpp() {
     const MAX_MEAN_REL: f64 = 0.01;
-    const MAX_PER_TOKEN_REL: f64 = 0.03;
-    const MIN_TOP1: f64 = 0.94;
+    const MAX_PER_TOKEN_REL: f64 = 0.01;
+    const MIN_TOP1: f64 = 0.99;
     const CLEAR_LEAD: f64 = 0.25;
     const MIN_TOP1_CLEAR: f64 = 0.99;
     let _guard = serial();
@@ -252,15 +252,14 @@ fn smollm2_nll_matches_llama_cpp() {
 /// Greedy decoding of 24 prompts for 64 tokens each: prefill the prompt, then decode the argmax
 /// one token at a time, as llama.cpp did (it did not stop at EOS, so neither do we).
 ///
-/// llama.cpp does not reproduce its own continuations exactly: with the prompt fed one token at a
-/// time, 9 of the 24 leave the stored path, at steps where its top-1 led by 0.03 to 0.31. So a
-/// divergence is a failure only where llama.cpp's lead was `NEAR_TIE` (0.5) or more, which two
-/// valid computations never flipped in the NLL measurement, and at least `MIN_EXACT` prompts must
-/// match all 64 tokens (llama.cpp against itself: 15).
+/// At least `MIN_EXACT` (20, the bar) of the 24 must match all 64 tokens, and none may
+/// diverge where llama.cpp's lead was `NEAR_TIE` (0.5) or more. For scale: llama.cpp itself, fed
+/// the prompt one token at a time, leaves the stored path in 9 of the 24 (at leads of 0.03 to
+/// 0.31), so these limits hold only for an engine that computes as llama.cpp does.
 #[test]
 fn smollm2_greedy_matches_llama_cpp() {
     const NEAR_TIE: f64 = 0.5;
-    const MIN_EXACT: usize = 10;
+    const MIN_EXACT: usize = 20;
     let _guard = serial();
     let fx: GreedyFixture = read_json(&fixtures().join("smollm2/greedy.json"));
     let model = smollm2(&fx.model);
