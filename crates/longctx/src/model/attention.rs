@@ -35,7 +35,7 @@ use half::f16;
 use crate::kv::{KvCache, KvData};
 
 /// Largest head size [`attend`] handles.
-const MAX_HEAD_DIM: usize = 256;
+pub const MAX_HEAD_DIM: usize = 256;
 
 /// Which of llama.cpp's matrix-multiplication kernels the reference runs, which fixes the lane
 /// count of every dot product (see the module documentation).
@@ -50,7 +50,6 @@ pub enum Reduction {
 
 impl Reduction {
     /// The kernel llama.cpp uses for a chunk (ubatch) of `n_tokens` tokens.
-    // Allowed until `model::llama::attention` passes its chunk size through `attend_with`.
     pub fn for_chunk(n_tokens: usize) -> Self {
         if n_tokens >= 2 {
             Self::Gemm
@@ -79,39 +78,12 @@ impl Reduction {
     }
 }
 
-/// Attention of one query head over the first `visible` slots of `kv_head` in `layer`, with the
-/// reduction order of llama.cpp's prompt-processing kernel ([`Reduction::Gemm`]); see
-/// [`attend_with`].
-#[allow(clippy::too_many_arguments)]
-pub fn attend(
-    cache: &KvCache,
-    layer: usize,
-    kv_head: usize,
-    visible: usize,
-    q: &[f32],
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    attend_with(
-        cache,
-        layer,
-        kv_head,
-        visible,
-        q,
-        scale,
-        scores,
-        out,
-        Reduction::Gemm,
-    );
-}
-
 /// Attention of one query head over the first `visible` slots of `kv_head` in `layer`.
 ///
 /// `q` is `[D]` (already rotated), `scores` a scratch of at least `visible` values, `out` `[D]`.
 /// `reduction` is [`Reduction::for_chunk`] of the number of tokens evaluated together.
 #[allow(clippy::too_many_arguments)]
-pub fn attend_with(
+pub fn attend(
     cache: &KvCache,
     layer: usize,
     kv_head: usize,
@@ -496,7 +468,17 @@ mod tests {
         let scale = 1.0 / (d as f32).sqrt();
         let mut scores = vec![0.0; 4];
         let mut out = vec![0.0; d];
-        attend(&cache, 0, 0, 3, &q, scale, &mut scores, &mut out);
+        attend(
+            &cache,
+            0,
+            0,
+            3,
+            &q,
+            scale,
+            &mut scores,
+            &mut out,
+            Reduction::Gemm,
+        );
         let logits: Vec<f32> = keys
             .iter()
             .map(|k| k.iter().zip(&q).map(|(a, b)| a * b).sum::<f32>() * scale)
@@ -507,7 +489,17 @@ mod tests {
             assert!((out[i] - expected).abs() < 1e-5);
         }
         // With one visible slot the output is that slot's value.
-        attend(&cache, 0, 0, 1, &q, scale, &mut scores, &mut out);
+        attend(
+            &cache,
+            0,
+            0,
+            1,
+            &q,
+            scale,
+            &mut scores,
+            &mut out,
+            Reduction::Gemm,
+        );
         assert_eq!(out, vals[0]);
     }
 

@@ -7,7 +7,7 @@
 
 use crate::gguf::Gguf;
 use crate::kv::{AttentionObserver, KvCache};
-use crate::model::attention::{attend_with, Reduction};
+use crate::model::attention::{attend, Reduction};
 use crate::model::config::{Architecture, Config};
 use crate::model::swiglu::swiglu;
 use crate::positions::RotaryTable;
@@ -366,7 +366,7 @@ fn attention(
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(at), hd) };
             let q = &input.q[at..at + hd];
             let kv_head = h / group;
-            attend_with(
+            attend(
                 cache,
                 input.layer,
                 kv_head,
@@ -380,7 +380,7 @@ fn attention(
             if let Some(obs) = observer {
                 let position = input.positions[i];
                 if obs.wants(input.layer, position) {
-                    // `attend_with` leaves the softmax weights in the score scratch.
+                    // `attend` leaves the softmax weights in the score scratch.
                     obs.observe(input.layer, h, h / group, position, &scratch[..visible]);
                 }
             }
