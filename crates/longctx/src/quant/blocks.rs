@@ -107,7 +107,8 @@ pub(super) fn dot_scalar(wtype: WeightType, w: &[u8], a: &[u8], cols: usize) -> 
                     s += ((b[2 + j] & 15) as i32 - 8) * (x[j] as i8) as i32;
                     s += ((b[2 + j] >> 4) as i32 - 8) * (x[16 + j] as i8) as i32;
                 }
-                sum += dw * dx * s as f32;
+                // One serial fma per block, as ggml's repacked Q4_0 gemv/gemm (see x86.rs).
+                sum = (s as f32).mul_add(dw * dx, sum);
             }
             WeightType::Q4_1 => {
                 let mut s = 0i32;
@@ -228,6 +229,11 @@ mod tests {
                 let reference = dot_scalar(wtype, &w, rows[i], cols);
                 let fast = dot(wtype, &w, rows[i], cols);
                 let exact: f32 = deq.iter().zip(&xs[i]).map(|(a, b)| a * b).sum();
+                if wtype == WeightType::Q4_0 {
+                    // One serial fma chain per output in both: bit for bit.
+                    assert_eq!(fast.to_bits(), reference.to_bits());
+                    assert_eq!(four[i].to_bits(), reference.to_bits());
+                }
                 assert!(
                     (fast - reference).abs() <= 1e-4 * reference.abs().max(1.0),
                     "{wtype:?}"

@@ -23,6 +23,23 @@ pub(crate) fn has_avx2() -> bool {
     })
 }
 
+/// Σ u·s over 32 byte pairs, as 8 i32 lanes (lane i = the 4 products of bytes 4i..4i+4).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn products_i_avx2(unsigned: __m256i, signed: __m256i) -> __m256i {
+    _mm256_madd_epi16(
+        _mm256_maddubs_epi16(unsigned, signed),
+        _mm256_set1_epi16(1),
+    )
+}
+
+/// The same with one `vpdpbusd`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn products_i_vnni(unsigned: __m256i, signed: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), unsigned, signed)
+}
+
 /// Σ u·s over 32 byte pairs, as 8 f32 lanes (lane i = the 4 products of bytes 4i..4i+4).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -64,7 +81,7 @@ impl Row {
 }
 
 macro_rules! block_kernels {
-    ($features:literal, $products:ident) => {
+    ($features:literal, $products:ident, $products_i:ident) => {
         use super::*;
 
         #[inline]
@@ -144,9 +161,41 @@ macro_rules! block_kernels {
             }
         }
 
+        /// Σ of the 8 i32 lanes (integer, so the order is free).
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn hsum_i32(v: __m256i) -> i32 {
+            let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+            _mm_cvtsi128_si32(s)
+        }
+
+        /// Q4_0 as llama.cpp runs it on AVX2 CPUs: the weights are repacked at load and
+        /// `ggml_gemv_q4_0_8x8_q8_0` / `ggml_gemm_q4_0_8x8_q8_0` keep one f32 accumulator per
+        /// output, `acc = fma(Σq_w·q_x, d_w·d_x, acc)` block after block, with no lane split
+        /// and no final horizontal float sum; the block's integer sum is order-free.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn q4_0_block(w: (__m256i, __m256i, f32, f32), x: Row, i: usize, acc: f32) -> f32 {
+            let (unsigned, sign, dw, _) = w;
+            let q = _mm256_loadu_si256(x.qs.add(32 * i).cast());
+            let p = $products_i(unsigned, _mm256_sign_epi8(q, sign));
+            (hsum_i32(p) as f32).mul_add(dw * std::ptr::read_unaligned(x.d.add(i)), acc)
+        }
+
         #[target_feature(enable = $features)]
         pub(super) unsafe fn dot(wtype: WeightType, w: &[u8], a: &[u8], cols: usize) -> f32 {
             let wb = wtype.block().1;
+            if wtype == WeightType::Q4_0 {
+                let wp = w.as_ptr();
+                let x = Row::new(a, cols);
+                let mut acc = 0f32;
+                for i in 0..cols / 32 {
+                    acc = q4_0_block(load_weight(wtype, wp.add(i * wb)), x, i, acc);
+                }
+                return acc;
+            }
             let wp = w.as_ptr();
             let x = Row::new(a, cols);
             let mut acc = _mm256_setzero_ps();
@@ -167,6 +216,17 @@ macro_rules! block_kernels {
         ) -> [f32; 4] {
             let wb = wtype.block().1;
             let wp = w.as_ptr();
+            if wtype == WeightType::Q4_0 {
+                let rows = a.map(|a| Row::new(a, cols));
+                let mut acc = [0f32; 4];
+                for i in 0..cols / 32 {
+                    let wv = load_weight(wtype, wp.add(i * wb));
+                    for r in 0..4 {
+                        acc[r] = q4_0_block(wv, rows[r], i, acc[r]);
+                    }
+                }
+                return acc;
+            }
             let rows = [
                 Row::new(a[0], cols),
                 Row::new(a[1], cols),
@@ -192,11 +252,15 @@ macro_rules! block_kernels {
 }
 
 mod avx2 {
-    block_kernels!("avx2,fma,f16c", products_avx2);
+    block_kernels!("avx2,fma,f16c", products_avx2, products_i_avx2);
 }
 
 mod vnni {
-    block_kernels!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", products_vnni);
+    block_kernels!(
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        products_vnni,
+        products_i_vnni
+    );
 }
 
 fn has_vnni() -> bool {
