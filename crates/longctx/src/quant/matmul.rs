@@ -1,12 +1,14 @@
 //! `out[t, r] = Σ_c x[t, c] · W[r, c]` for several weight matrices that share one input, split
 //! by output rows across the pool (one parallel region for q, k and v together, say).
 
-use super::{dot, dot_x4, ActType, Activations, Weight};
+use super::{dot, dot_x4, ActType, Activations, Batch, Weight};
 use crate::threads::ThreadPool;
 
-/// Tokens processed per pass over a thread's weight rows: their converted activations
+/// Tokens processed per pass over a thread's weight rows (a multiple of 4: `dot_x4` must see
+/// exactly the groups of four llama.cpp's batched kernels see, tokens `0..n - n % 4`): their converted activations
 /// (~20 KB for 32 tokens of 576 values) stay in L1 while the weights stream from L2.
 const TOKEN_TILE: usize = 32;
+const _: () = assert!(TOKEN_TILE.is_multiple_of(4));
 
 /// One matrix of a [`matmul`] call and where its `[tokens, rows]` output goes.
 pub struct MatmulJob<'a> {
@@ -124,6 +126,10 @@ fn rows(
 ) {
     let n = weight.rows;
     let cols = weight.cols;
+    let batch = Batch {
+        tokens,
+        repacked: weight.repacked(),
+    };
     let store = |t: usize, r: usize, v: f32| {
         // SAFETY: `t < tokens` and `r` lies in this thread's exclusive row range.
         unsafe { *out.get().add(t * n + r) = v }
@@ -139,6 +145,7 @@ fn rows(
                     w,
                     [act.row(t), act.row(t + 1), act.row(t + 2), act.row(t + 3)],
                     cols,
+                    batch,
                 );
                 for (i, v) in y.into_iter().enumerate() {
                     store(t + i, r, v);
@@ -146,7 +153,7 @@ fn rows(
                 t += 4;
             }
             for t in t..t1 {
-                store(t, r, dot(weight.wtype, w, act.row(t), cols));
+                store(t, r, dot(weight.wtype, w, act.row(t), cols, batch));
             }
         }
     }

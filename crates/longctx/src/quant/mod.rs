@@ -19,6 +19,7 @@ use memmap2::Mmap;
 
 use crate::{Error, Result};
 
+pub use kquants::KPath;
 pub use matmul::{matmul, ActCache, MatmulJob};
 
 /// Whether the AVX2 + FMA + F16C kernels run on this CPU.
@@ -191,6 +192,15 @@ impl Weight {
         &self.data.bytes()[r * n..(r + 1) * n]
     }
 
+    /// Whether llama.cpp's CPU backend repacks this matrix at load on an AVX2 CPU, which
+    /// changes the kernel and so the float order of its products: it does for matrices with a
+    /// row count divisible by 8 (`ggml_repack_get_optimal_repack_type`), except the token
+    /// embeddings, which stay in the plain buffer for their row look-ups even where the output
+    /// layer shares them.
+    pub fn repacked(&self) -> bool {
+        self.rows.is_multiple_of(8) && self.name != "token_embd.weight"
+    }
+
     /// Bytes the matrix occupies.
     pub fn size_bytes(&self) -> usize {
         self.data.len
@@ -267,19 +277,51 @@ fn bytemuck_bytes_mut(words: &mut [u32]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), words.len() * 4) }
 }
 
-/// Dot product of one weight row with one converted activation row.
-pub fn dot(wtype: WeightType, w: &[u8], a: &[u8], cols: usize) -> f32 {
+/// The matmul a product belongs to, as far as it decides which of llama.cpp's kernels (and so
+/// which float order) a product must mirror: some weight types take different kernels for one
+/// token and for a batch (see [`kquants::KPath`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// Activation rows of the whole matmul.
+    pub tokens: usize,
+    /// Whether llama.cpp repacks this matrix at load (see [`Weight::repacked`]).
+    pub repacked: bool,
+}
+
+impl Batch {
+    /// A single-token product with a repacked matrix (decode of most weights).
+    pub const SINGLE: Self = Self {
+        tokens: 1,
+        repacked: true,
+    };
+}
+
+/// Dot product of one weight row with one converted activation row that is not part of a
+/// group of four (a single token, or one of the `tokens % 4` rows after the last group).
+pub fn dot(wtype: WeightType, w: &[u8], a: &[u8], cols: usize, batch: Batch) -> f32 {
     match wtype {
         WeightType::F32 | WeightType::F16 | WeightType::BF16 => float::dot(wtype, w, a, cols),
         WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => blocks::dot(wtype, w, a, cols),
-        WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => kquants::dot(wtype, w, a, cols),
+        WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
+            let path = kquants::KPath::choose(wtype, batch.repacked, batch.tokens, false);
+            kquants::dot(wtype, w, a, cols, path)
+        }
     }
 }
 
 /// Four dot products of one weight row with four activation rows, reading the weight once.
-pub fn dot_x4(wtype: WeightType, w: &[u8], a: [&[u8]; 4], cols: usize) -> [f32; 4] {
+///
+/// Not always four [`dot`]s bit for bit: llama.cpp's batched kernels for some weight types
+/// (repacked Q4_K) sum in another grouping than its single-row ones, and it hands them the
+/// rows in groups of four, the `tokens % 4` rest going to the single-row kernel. The matmul
+/// driver calls this for exactly those groups, so both paths match.
+pub fn dot_x4(wtype: WeightType, w: &[u8], a: [&[u8]; 4], cols: usize, batch: Batch) -> [f32; 4] {
     match wtype {
         WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => blocks::dot_x4(wtype, w, a, cols),
-        _ => a.map(|a| dot(wtype, w, a, cols)),
+        WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
+            let path = kquants::KPath::choose(wtype, batch.repacked, batch.tokens, true);
+            a.map(|a| kquants::dot(wtype, w, a, cols, path))
+        }
+        _ => a.map(|a| dot(wtype, w, a, cols, batch)),
     }
 }

@@ -27,10 +27,7 @@ pub(crate) fn has_avx2() -> bool {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn products_i_avx2(unsigned: __m256i, signed: __m256i) -> __m256i {
-    _mm256_madd_epi16(
-        _mm256_maddubs_epi16(unsigned, signed),
-        _mm256_set1_epi16(1),
-    )
+    _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), _mm256_set1_epi16(1))
 }
 
 /// The same with one `vpdpbusd`.
