@@ -36,6 +36,14 @@ fn chunk_size_and_decoding_do_not_change_the_logits() {
     for kv in [KvDtype::F16, KvDtype::F32] {
         let whole = session(&model, 512, kv).prefill_all_logits(&ids).unwrap();
         let chunked = session(&model, 7, kv).prefill_all_logits(&ids).unwrap();
+        // Prefill that wants only the last logits runs the last layer on that row alone.
+        let last = session(&model, 512, kv).prefill(&ids).unwrap().to_vec();
+        let v = model.config.vocab;
+        assert_eq!(
+            last,
+            &whole[(ids.len() - 1) * v..],
+            "last-row logits, {kv:?} cache"
+        );
         assert_eq!(
             whole, chunked,
             "chunks of 7 tokens vs one chunk, {kv:?} cache"

@@ -235,6 +235,17 @@ pub fn forward(
             &s.scores,
             observer,
         );
+        // Only the rows whose logits are wanted need the last layer's output: like llama.cpp
+        // (`inp_out_ids`), finish that layer on those rows alone, which also gives its matmuls
+        // llama.cpp's row count and hence its kernels.
+        let t = if l + 1 == w.layers.len() {
+            keep_rows(s, &chunk.logit_rows, e, qd)
+        } else {
+            t
+        };
+        if t == 0 {
+            return;
+        }
         matmul(
             pool,
             &mut s.acts,
@@ -263,13 +274,14 @@ pub fn forward(
         );
         add_into(&mut s.x[..t * e], &s.tmp[..t * e]);
     }
-    // output head, only for the rows whose logits are wanted
+    // output head, over the rows kept in the last layer
     let rows = chunk.logit_rows.len();
-    if rows == 0 {
-        return;
-    }
-    let xs = &s.x[chunk.logit_rows.start * e..chunk.logit_rows.end * e];
-    rms_norm(xs, &w.output_norm, c.rms_eps, &mut s.xn[..rows * e]);
+    rms_norm(
+        &s.x[..rows * e],
+        &w.output_norm,
+        c.rms_eps,
+        &mut s.xn[..rows * e],
+    );
     matmul(
         pool,
         &mut s.acts,
@@ -277,6 +289,16 @@ pub fn forward(
         rows,
         &mut [job(&w.output, logits)],
     );
+}
+
+/// Moves the chunk's rows `rows` of the attention output and of the residual stream to the
+/// front of their buffers; returns how many rows remain.
+fn keep_rows(s: &mut Scratch, rows: &std::ops::Range<usize>, e: usize, qd: usize) -> usize {
+    for (to, from) in rows.clone().enumerate() {
+        s.att.copy_within(from * qd..(from + 1) * qd, to * qd);
+        s.x.copy_within(from * e..(from + 1) * e, to * e);
+    }
+    rows.len()
 }
 
 /// ggml's RMSNorm: mean of squares accumulated in f64, then scaled and multiplied by the weight.
