@@ -8,6 +8,8 @@
 mod blocks;
 mod float;
 mod kquants;
+#[cfg(target_arch = "x86_64")]
+mod kquants_x86;
 mod matmul;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -300,7 +302,9 @@ impl Batch {
 /// group of four (a single token, or one of the `tokens % 4` rows after the last group).
 pub fn dot(wtype: WeightType, w: &[u8], a: &[u8], cols: usize, batch: Batch) -> f32 {
     match wtype {
-        WeightType::F32 | WeightType::F16 | WeightType::BF16 => float::dot(wtype, w, a, cols),
+        WeightType::F32 | WeightType::F16 | WeightType::BF16 => {
+            float::dot(wtype, w, a, cols, batch.tokens)
+        }
         WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => blocks::dot(wtype, w, a, cols),
         WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
             let path = kquants::KPath::choose(wtype, batch.repacked, batch.tokens, false);
@@ -320,7 +324,7 @@ pub fn dot_x4(wtype: WeightType, w: &[u8], a: [&[u8]; 4], cols: usize, batch: Ba
         WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => blocks::dot_x4(wtype, w, a, cols),
         WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
             let path = kquants::KPath::choose(wtype, batch.repacked, batch.tokens, true);
-            a.map(|a| kquants::dot(wtype, w, a, cols, path))
+            kquants::dot_x4(wtype, w, a, cols, path)
         }
         _ => a.map(|a| dot(wtype, w, a, cols, batch)),
     }
