@@ -26,7 +26,7 @@ fn as_blocks<T>(bytes: &[u8]) -> &[T] {
 
 /// Bytes of one Q8_K activation block: f32 d, 256 i8 values, 16 i16 sums of 16 values (ggml's
 /// `block_q8_K`, which candle's `BlockQ8K` mirrors, so its Q6_K dot product reads it too).
-const Q8K_BYTES: usize = 292;
+pub(super) const Q8K_BYTES: usize = 292;
 
 /// ggml's `quantize_row_q8_K_ref`, which x86 uses for single rows (the repacked Q4_K path's
 /// `ggml_quantize_mat_q8_K_4x8` produces the same bytes for groups of four): scale −127/max by
@@ -326,7 +326,28 @@ pub(super) fn dequantize(wtype: WeightType, w: &[u8], out: &mut [f32]) {
 }
 
 pub(super) fn dot(wtype: WeightType, w: &[u8], a: &[u8], cols: usize, path: KPath) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        // SAFETY: the CPU has AVX2, FMA and F16C.
+        return unsafe { super::kquants_x86::dot(wtype, w, a, cols, path) };
+    }
     dot_path(wtype, w, a, cols, path)
+}
+
+/// Four rows at once, each weight super-block decoded once; bit for bit four [`dot`]s.
+pub(super) fn dot_x4(
+    wtype: WeightType,
+    w: &[u8],
+    a: [&[u8]; 4],
+    cols: usize,
+    path: KPath,
+) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        // SAFETY: the CPU has AVX2, FMA and F16C.
+        return unsafe { super::kquants_x86::dot_x4(wtype, w, a, cols, path) };
+    }
+    a.map(|a| dot_path(wtype, w, a, cols, path))
 }
 
 #[cfg(test)]
@@ -395,6 +416,83 @@ mod tests {
                     (got - exact).abs() <= 1e-4 * exact.abs().max(1.0),
                     "{wtype:?} {path:?}: {got} vs {exact}"
                 );
+            }
+        }
+    }
+
+    /// Random blocks with extreme f16 scales (largest finite, subnormal, zero, negative) and
+    /// random activation bytes (−128 included, arbitrary block sums) with extreme f32 scales.
+    #[test]
+    fn simd_kernels_equal_the_scalar_oracle_bit_for_bit() {
+        if !super::super::has_avx2() {
+            return;
+        }
+        let halves = [65504.0f32, -65504.0, 6e-8, 0.0, -1.0, 0.002, 1.5, -3.0e-5];
+        let act_d = [1e30f32, -1e-30, 0.0, 1.0, -0.007, 3.4e38];
+        let cols = 2048;
+        for seed in 0..24u32 {
+            let mut rows: Vec<Vec<u8>> = (0..4)
+                .map(|r| pseudo_random(cols / 256 * Q8K_BYTES, 1000 * seed + r))
+                .collect();
+            for (r, row) in rows.iter_mut().enumerate() {
+                for (i, b) in row.chunks_exact_mut(Q8K_BYTES).enumerate() {
+                    let d = act_d[(i + r + seed as usize) % act_d.len()];
+                    let d = if seed % 3 == 0 {
+                        d
+                    } else {
+                        0.01 * (1 + i % 3) as f32
+                    };
+                    b[..4].copy_from_slice(&d.to_le_bytes());
+                }
+            }
+            for wtype in [WeightType::Q4K, WeightType::Q5K, WeightType::Q6K] {
+                let bytes = wtype.block().1;
+                let mut w = pseudo_random(cols / 256 * bytes, 77 + seed);
+                for (i, b) in w.chunks_exact_mut(bytes).enumerate() {
+                    let pick = |k: usize| {
+                        let v = halves[(i * 3 + k + seed as usize) % halves.len()];
+                        half::f16::from_f32(if seed % 2 == 0 { v } else { v * 1e-3 }).to_le_bytes()
+                    };
+                    if wtype == WeightType::Q6K {
+                        b[208..210].copy_from_slice(&pick(0));
+                        if seed % 4 == 1 {
+                            b[192..208].fill(0x80); // every scale −128
+                        }
+                    } else {
+                        b[0..2].copy_from_slice(&pick(0));
+                        b[2..4].copy_from_slice(&pick(5));
+                        if seed % 4 == 1 {
+                            b[4..16].fill(0xff); // every scale and min 63
+                        }
+                    }
+                    if seed % 4 == 2 {
+                        // Every code at its maximum.
+                        let codes = if wtype == WeightType::Q6K {
+                            0..192
+                        } else {
+                            16..bytes
+                        };
+                        b[codes].fill(0xff);
+                    }
+                }
+                for path in [KPath::VecDot, KPath::Tiled, KPath::Gemv, KPath::Gemm] {
+                    if wtype != WeightType::Q4K && matches!(path, KPath::Gemv | KPath::Gemm) {
+                        continue;
+                    }
+                    let a = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
+                    let x4 = dot_x4(wtype, &w, a, cols, path);
+                    for r in 0..4 {
+                        let oracle = dot_path(wtype, &w, a[r], cols, path);
+                        let one = dot(wtype, &w, a[r], cols, path);
+                        for got in [one, x4[r]] {
+                            assert!(
+                                got.to_bits() == oracle.to_bits()
+                                    || (got.is_nan() && oracle.is_nan()),
+                                "{wtype:?} {path:?} seed {seed} row {r}: {got} vs {oracle}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }
