@@ -271,7 +271,7 @@ fn usage_errors_exit_with_2() {
 #[test]
 fn run_streams_a_completion_and_prints_statistics() {
     let model = real_model();
-    let out = longctx(&[
+    let args = [
         "run",
         "--model",
         model.to_str().unwrap(),
@@ -281,7 +281,8 @@ fn run_streams_a_completion_and_prints_statistics() {
         "8",
         "--temperature",
         "0",
-    ]);
+    ];
+    let out = longctx(&args);
     let err = stderr(&out);
     assert!(out.status.success(), "stderr: {err}");
     let text = String::from_utf8(out.stdout).unwrap();
@@ -291,17 +292,7 @@ fn run_streams_a_completion_and_prints_statistics() {
     }
 
     // Greedy runs repeat themselves exactly.
-    let again = longctx(&[
-        "run",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "The capital of France is",
-        "--max-tokens",
-        "8",
-        "--temperature",
-        "0",
-    ]);
+    let again = longctx(&args);
     assert_eq!(String::from_utf8(again.stdout).unwrap(), text);
 }
 
