@@ -181,7 +181,7 @@ fn decode(wtype: WeightType, b: &[u8]) -> Decoded {
 }
 
 /// The 6-bit sub-block scales and mins of a Q4_K/Q5_K block (ggml's `get_scale_min_k4`).
-fn scales_mins(q: &[u8]) -> ([i32; 8], [i32; 8]) {
+pub(super) fn scales_mins(q: &[u8]) -> ([i32; 8], [i32; 8]) {
     let mut sc = [0i32; 8];
     let mut m = [0i32; 8];
     for j in 0..8 {

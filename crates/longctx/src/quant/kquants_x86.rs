@@ -56,22 +56,13 @@ unsafe fn decode(wtype: WeightType, b: *const u8) -> Block {
     match wtype {
         WeightType::Q4K | WeightType::Q5K => {
             let (d, dmin) = halves(b);
-            // ggml's get_scale_min_k4.
-            let s = std::slice::from_raw_parts(b.add(4), 12);
+            let (sc6, m6) = super::kquants::scales_mins(std::slice::from_raw_parts(b.add(4), 12));
             let mut scales = [0i16; 8];
             let mut mins = [0i16; 16];
             for j in 0..8 {
-                let (a, m) = if j < 4 {
-                    (s[j] & 63, s[j + 4] & 63)
-                } else {
-                    (
-                        (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4),
-                        (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-                    )
-                };
-                scales[j] = a as i16;
-                mins[2 * j] = m as i16;
-                mins[2 * j + 1] = m as i16;
+                scales[j] = sc6[j] as i16;
+                mins[2 * j] = m6[j] as i16;
+                mins[2 * j + 1] = m6[j] as i16;
             }
             let qs = if wtype == WeightType::Q5K {
                 b.add(48)
