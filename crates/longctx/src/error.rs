@@ -34,6 +34,8 @@ pub enum Error {
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
+    #[error("tensor `{0}` is not aligned in the file (its blocks need an even byte offset); re-convert the model with a current llama.cpp, which aligns tensors to 32 bytes")]
+    Misaligned(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]

@@ -175,6 +175,13 @@ impl Weight {
                 actual: vec![data.len],
             });
         }
+        // K-quant blocks are read in place as structs with f16 fields: they need an f16's
+        // alignment, which GGUF's 32-byte tensor alignment gives unless a file overrides it.
+        if matches!(wtype, WeightType::Q4K | WeightType::Q5K | WeightType::Q6K)
+            && !(data.bytes().as_ptr() as usize).is_multiple_of(2)
+        {
+            return Err(Error::Misaligned(name.to_string()));
+        }
         Ok(Self {
             name: name.to_string(),
             wtype,
@@ -327,5 +334,25 @@ pub fn dot_x4(wtype: WeightType, w: &[u8], a: [&[u8]; 4], cols: usize, batch: Ba
             kquants::dot_x4(wtype, w, a, cols, path)
         }
         _ => a.map(|a| dot(wtype, w, a, cols, batch)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_misaligned_k_quant_tensor_is_an_error_not_a_panic() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1 + 144).unwrap();
+        // SAFETY: the temporary file is private to this test and not resized while mapped.
+        let map = Arc::new(unsafe { Mmap::map(&file) }.unwrap());
+        let odd = MapSlice::new(map.clone(), 1, 144);
+        let err = Weight::new("w", WeightType::Q4K, 1, 256, odd)
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::Misaligned(_)), "{err}");
+        let even = MapSlice::new(map, 0, 144);
+        assert!(Weight::new("w", WeightType::Q4K, 1, 256, even).is_ok());
     }
 }
