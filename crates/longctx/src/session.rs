@@ -21,8 +21,7 @@ pub struct Model {
     pub tokenizer: Tokenizer,
     /// `tokenizer.chat_template` from the GGUF, if any.
     pub chat_template: Option<String>,
-    /// Trained context length (`{arch}.context_length`).
-    pub trained_ctx: usize,
+    /// The opened file, for metadata beyond what the engine reads.
     pub gguf: Gguf,
 }
 
@@ -34,13 +33,17 @@ impl Model {
         let tokenizer = Tokenizer::from_gguf_metadata(gguf.metadata())?;
         let chat_template = gguf.get_str("tokenizer.chat_template").ok();
         Ok(Arc::new(Model {
-            trained_ctx: config.context_length,
             config,
             weights,
             tokenizer,
             chat_template,
             gguf,
         }))
+    }
+
+    /// Trained context length (`{arch}.context_length`).
+    pub fn trained_ctx(&self) -> usize {
+        self.config.context_length
     }
 
     /// The model's own RoPE, as its file describes it.
@@ -109,7 +112,7 @@ impl Session {
         }
         let c = &model.config;
         let n_ctx = if options.n_ctx == 0 {
-            model.trained_ctx
+            model.trained_ctx()
         } else {
             options.n_ctx
         };
