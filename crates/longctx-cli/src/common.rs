@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use longctx::session::{KvDtype, Model, SessionOptions};
+use longctx::spec::Spec;
 
 #[derive(clap::Args)]
 pub struct ModelArgs {
@@ -41,6 +42,16 @@ pub struct EngineArgs {
     /// Element type of the KV cache.
     #[arg(long, value_enum, default_value_t = KvDtypeArg::F16)]
     pub kv_dtype: KvDtypeArg,
+    /// Position scheme, as name:key=value,… (`none`: the model's own RoPE).
+    #[arg(long, value_name = "SPEC", default_value = "none", value_parser = parse_spec)]
+    pub rope: Spec,
+    /// KV-cache policy, as name:key=value,… (`full`: keep every token).
+    #[arg(long, value_name = "SPEC", default_value = "full", value_parser = parse_spec)]
+    pub kv: Spec,
+}
+
+fn parse_spec(text: &str) -> Result<Spec, String> {
+    text.parse().map_err(|e: longctx::Error| e.to_string())
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -60,6 +71,8 @@ impl EngineArgs {
             },
             chunk_size: self.chunk_size,
             threads: self.threads.unwrap_or(defaults.threads),
+            rope: self.rope.clone(),
+            kv: self.kv.clone(),
         }
     }
 }

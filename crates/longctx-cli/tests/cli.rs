@@ -240,7 +240,7 @@ fn a_failed_fetch_is_reported() {
             .env("LONGCTX_PYTHON", "/nonexistent/python3")
             .output()
             .unwrap();
-        assert_clean_failure(&out, "could not fetch model `smollm2`");
+        assert_clean_failure(&out, "could not fetch `smollm2`");
         assert!(stderr(&out).contains("LONGCTX_PYTHON"), "{}", stderr(&out));
     }
 }

@@ -54,7 +54,21 @@ pub enum Error {
     InvalidOption(String),
     #[error("unknown model `{name}`; known names: {known}, or pass a path to a .gguf file")]
     UnknownModel { name: String, known: String },
-    #[error("could not fetch model `{name}`: {detail}")]
+    #[error("cannot parse `{spec}`: {detail}; write it as name:key=value,… with several methods joined by +")]
+    InvalidSpec { spec: String, detail: String },
+    #[error("unknown {kind} `{name}`; available: {known}")]
+    UnknownMethod {
+        kind: &'static str,
+        name: String,
+        known: String,
+    },
+    #[error("a context of {n_ctx} tokens needs {need_mib} MiB of KV cache and buffers, but only {available_mib} MiB of memory is available; use a shorter context or a smaller KV cache type")]
+    ContextTooLarge {
+        n_ctx: usize,
+        need_mib: usize,
+        available_mib: usize,
+    },
+    #[error("could not fetch `{name}`: {detail}")]
     Fetch { name: String, detail: String },
 }
 

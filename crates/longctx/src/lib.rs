@@ -15,6 +15,7 @@ pub mod positions;
 pub mod quant;
 pub mod sampling;
 pub mod session;
+pub mod spec;
 pub mod threads;
 pub mod tokenizer;
 

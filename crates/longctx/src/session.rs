@@ -8,6 +8,7 @@ use crate::gguf::Gguf;
 use crate::kv::{AttentionObserver, KvCache};
 use crate::model::{forward, Chunk, Config, Scratch, Weights};
 use crate::positions::{ModelRope, PositionScheme};
+use crate::spec::Spec;
 use crate::threads::ThreadPool;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -67,6 +68,10 @@ pub struct SessionOptions {
     pub chunk_size: usize,
     /// Worker threads for the forward pass.
     pub threads: usize,
+    /// Position scheme (`--rope`); `none` is the model's own RoPE.
+    pub rope: Spec,
+    /// KV-cache policy (`--kv`); `full` keeps every token.
+    pub kv: Spec,
 }
 
 impl Default for SessionOptions {
@@ -76,8 +81,35 @@ impl Default for SessionOptions {
             kv_dtype: KvDtype::F16,
             chunk_size: 512,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            rope: Spec::named("none"),
+            kv: Spec::named("full"),
         }
     }
+}
+
+/// Refuses a context whose KV cache could not fit in the memory the machine has free, which
+/// would otherwise end in the kernel killing the process halfway through a long run.
+fn check_memory(kv_bytes: usize, n_ctx: usize) -> Result<()> {
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    if kv_bytes <= available {
+        return Ok(());
+    }
+    const MIB: usize = 1 << 20;
+    Err(Error::ContextTooLarge {
+        n_ctx,
+        need_mib: kv_bytes.div_ceil(MIB),
+        available_mib: available / MIB,
+    })
+}
+
+/// `MemAvailable` from /proc/meminfo; None where the system does not say.
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// One sequence being processed: a KV cache and scratch buffers over a shared model.
@@ -116,10 +148,15 @@ impl Session {
         } else {
             options.n_ctx
         };
+        let scheme = crate::positions::scheme_for(&options.rope, &model)?;
+        crate::kv::check_policy(&options.kv)?;
+        check_memory(
+            KvCache::bytes_for(options.kv_dtype, c.n_layer, c.n_kv_head, c.head_dim, n_ctx),
+            n_ctx,
+        )?;
         let cache = KvCache::new(options.kv_dtype, c.n_layer, c.n_kv_head, c.head_dim, n_ctx);
         let chunk = options.chunk_size.min(n_ctx);
         let scratch = Scratch::new(c, chunk, n_ctx, options.threads);
-        let scheme = Box::new(model.rope());
         Ok(Self {
             pool: ThreadPool::new(options.threads),
             logits: vec![0.0; c.vocab],

@@ -8,11 +8,32 @@
 
 mod observer;
 
+/// Every policy `--kv` can name. The compression policies join this list as they land.
+pub const POLICIES: &[&str] = &["full"];
+
+/// Checks that a `--kv` spec names a policy the engine has, with valid parameters.
+pub fn check_policy(spec: &Spec) -> Result<()> {
+    let [part] = spec.parts.as_slice() else {
+        return Err(Error::InvalidOption(format!(
+            "`{spec}` composes several KV policies, but only one policy is implemented yet"
+        )));
+    };
+    match part.name.as_str() {
+        "full" => Params::new(part).finish(&[]),
+        other => Err(Error::UnknownMethod {
+            kind: "KV policy",
+            name: other.to_string(),
+            known: POLICIES.join(", "),
+        }),
+    }
+}
+
 pub use observer::AttentionObserver;
 
 use half::f16;
 
 use crate::positions::{RopeStyle, RotaryTable};
+use crate::spec::{Params, Spec};
 use crate::{Error, Result};
 
 /// Element type of the cache.
@@ -119,13 +140,30 @@ impl KvCache {
     }
 
     /// Bytes held by the slots in use (keys and values, all layers).
+    /// What [`KvCache::new`] with these arguments will reserve.
+    pub fn bytes_for(
+        dtype: KvDtype,
+        n_layer: usize,
+        n_kv_head: usize,
+        head_dim: usize,
+        capacity: usize,
+    ) -> usize {
+        2 * n_layer * n_kv_head * capacity * head_dim * dtype.bytes()
+    }
+
     pub fn bytes_in_use(&self) -> usize {
         2 * self.n_layer * self.n_kv_head * self.len * self.head_dim * self.dtype.bytes()
     }
 
     /// Bytes reserved for the whole capacity.
     pub fn bytes_reserved(&self) -> usize {
-        2 * self.n_layer * self.n_kv_head * self.capacity * self.head_dim * self.dtype.bytes()
+        Self::bytes_for(
+            self.dtype,
+            self.n_layer,
+            self.n_kv_head,
+            self.head_dim,
+            self.capacity,
+        )
     }
 
     /// Start of `(layer, head, slot)` in `k` / `v`.

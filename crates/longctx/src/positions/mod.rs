@@ -9,6 +9,33 @@ mod rope;
 
 pub use rope::{ModelRope, RopeStyle};
 
+use crate::session::Model;
+use crate::spec::{Params, Spec};
+use crate::{Error, Result};
+
+/// Every scheme `--rope` can name. The context-extension schemes join this list as they land.
+pub const SCHEMES: &[&str] = &["none"];
+
+/// The position scheme a `--rope` spec selects for `model`.
+pub fn scheme_for(spec: &Spec, model: &Model) -> Result<Box<dyn PositionScheme>> {
+    let [part] = spec.parts.as_slice() else {
+        return Err(Error::InvalidOption(format!(
+            "`{spec}` composes several position schemes, but only one scheme is implemented yet"
+        )));
+    };
+    match part.name.as_str() {
+        "none" => {
+            Params::new(part).finish(&[])?;
+            Ok(Box::new(model.rope()))
+        }
+        other => Err(Error::UnknownMethod {
+            kind: "position scheme",
+            name: other.to_string(),
+            known: SCHEMES.join(", "),
+        }),
+    }
+}
+
 /// A way to turn positions into rotary angles.
 pub trait PositionScheme: Send + Sync {
     /// Angular frequency (radians per position) of each rotated dimension pair, `rot_dims / 2`
