@@ -1,0 +1,243 @@
+//! The `Task` seam: how a test case is synthesised, run and scored. One file per task under
+//! `tasks/`, one line per task in [`REGISTRY`].
+
+use std::sync::Arc;
+
+use longctx::chat::{ChatMessage, ChatTemplate};
+use longctx::generate::generate;
+use longctx::sampling::{Sampler, SamplingParams};
+use longctx::session::{Model, Session};
+use longctx::spec::{Spec, SpecPart};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::text::NaturalText;
+use crate::{tasks, EvalError, Result};
+
+/// One point of a sweep: a context length, a depth where the task has one, and which sample.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Case {
+    /// Tokens of context: the prompt plus the tokens reserved for the answer, as RULER counts.
+    pub length: usize,
+    /// Where the answer sits, in percent of the haystack; None for tasks without a depth.
+    pub depth: Option<f64>,
+    pub sample: u32,
+}
+
+impl Case {
+    /// A stable name for the case, used to recognise finished work on resume.
+    pub fn id(&self) -> String {
+        match self.depth {
+            Some(depth) => format!("L{}-d{}-s{}", self.length, depth, self.sample),
+            None => format!("L{}-s{}", self.length, self.sample),
+        }
+    }
+
+    /// This case's own random stream: it depends on the case and the seed only, never on which
+    /// cases ran before, so a resumed run synthesises exactly what the first run would have.
+    pub fn rng(&self, seed: u64, task: &str) -> ChaCha8Rng {
+        let digest = Sha256::digest(format!("{seed}/{task}/{}", self.id()));
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(&digest);
+        ChaCha8Rng::from_seed(bytes)
+    }
+}
+
+/// A synthesised test: the prompt in tokens and what a correct answer contains.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub tokens: Vec<u32>,
+    /// Strings a correct answer contains (RULER scores the fraction found).
+    pub answers: Vec<String>,
+    /// Tokens reserved for the answer; the prompt plus these make the case's length.
+    pub max_new_tokens: usize,
+    /// Token index where the (first) answer was placed, for checking depths.
+    pub answer_at: Option<usize>,
+}
+
+/// What a finished case produced.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// 0–100 for generation tasks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub expected: Vec<String>,
+    pub prompt_tokens: usize,
+    /// Summed negative log-likelihood (nats) and the number of tokens scored, for perplexity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nll_sum: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nll_count: Option<usize>,
+}
+
+/// Everything a task needs to synthesise prompts: the model's tokenizer and chat template, the
+/// natural text where the task uses one, and the run's seed.
+pub struct TaskContext {
+    pub model: Arc<Model>,
+    /// Applied around the task text when the model is a chat model and the user did not turn it off.
+    pub chat: Option<ChatTemplate>,
+    pub text: Option<Arc<NaturalText>>,
+    pub seed: u64,
+}
+
+impl TaskContext {
+    /// Tokens of a prompt whose user turn is `user` and whose answer starts with `answer_prefix`,
+    /// so the model continues the answer rather than choosing how to begin it (RULER does the same).
+    pub fn render(&self, user: &str, answer_prefix: &str) -> Result<String> {
+        Ok(match &self.chat {
+            Some(template) => {
+                let messages = [ChatMessage {
+                    role: "user".to_string(),
+                    content: user.to_string(),
+                }];
+                let mut text = template.render(&messages, true)?;
+                text.push_str(answer_prefix.trim_start());
+                text
+            }
+            None => format!("{user}\n{answer_prefix}"),
+        })
+    }
+
+    /// Tokens of a rendered prompt, BOS included where the model wants it.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.model.tokenizer.encode(text, true, true)?)
+    }
+
+    /// The token index at which `needle` starts in the rendered prompt `text`.
+    pub fn token_index_of(&self, text: &str, needle: &str) -> Option<usize> {
+        let at = text.find(needle)?;
+        self.encode_text(&text[..at]).ok().map(|t| t.len())
+    }
+
+    /// The natural text, or an error saying the task needs it.
+    pub fn text(&self) -> Result<&NaturalText> {
+        self.text
+            .as_deref()
+            .ok_or_else(|| EvalError::Invalid("this task needs the natural text, which was not loaded".into()))
+    }
+
+    /// Number of tokens `text` has on its own, without BOS.
+    pub fn count(&self, text: &str) -> Result<usize> {
+        Ok(self.model.tokenizer.encode(text, false, false)?.len())
+    }
+}
+
+/// The engine a case runs on: one session, reused case after case.
+pub struct Engine<'a> {
+    pub session: &'a mut Session,
+}
+
+impl Engine<'_> {
+    /// Greedy continuation of `prompt`, at most `max_new_tokens` tokens, from an empty cache.
+    pub fn complete(&mut self, prompt: &[u32], max_new_tokens: usize) -> Result<String> {
+        self.session.reset();
+        let mut sampler = Sampler::new(SamplingParams::greedy())?;
+        let mut output = String::new();
+        generate(self.session, &mut sampler, prompt, max_new_tokens, &mut |piece| {
+            output.push_str(piece)
+        })?;
+        Ok(output)
+    }
+}
+
+/// A task as the runner sees it.
+pub trait Task: Send + Sync {
+    /// The task's name with every parameter resolved, so that the recorded configuration says
+    /// exactly what ran (`niah:haystack=noise,key=words,…`).
+    fn spec(&self) -> String;
+    /// Whether cases sweep needle depths.
+    fn uses_depth(&self) -> bool {
+        true
+    }
+    /// Whether the task reads the natural text.
+    fn needs_text(&self) -> bool {
+        false
+    }
+    /// Runs one case.
+    fn run(&self, case: &Case, ctx: &TaskContext, engine: &mut Engine) -> Result<Outcome>;
+}
+
+/// A task that synthesises a prompt with known answers and scores a greedy completion: all the
+/// retrieval tasks.
+pub trait Synthetic: Send + Sync {
+    fn spec(&self) -> String;
+    fn uses_depth(&self) -> bool {
+        true
+    }
+    fn needs_text(&self) -> bool {
+        false
+    }
+    /// The prompt for `case`, of `case.length` tokens including the answer's reserve.
+    fn synthesise(&self, case: &Case, ctx: &TaskContext) -> Result<Prompt>;
+    /// 0–100 for `output` against the prompt's answers.
+    fn score(&self, prompt: &Prompt, output: &str) -> f64 {
+        crate::scoring::string_match_all(output, &prompt.answers)
+    }
+}
+
+impl<T: Synthetic> Task for T {
+    fn spec(&self) -> String {
+        Synthetic::spec(self)
+    }
+
+    fn uses_depth(&self) -> bool {
+        Synthetic::uses_depth(self)
+    }
+
+    fn needs_text(&self) -> bool {
+        Synthetic::needs_text(self)
+    }
+
+    fn run(&self, case: &Case, ctx: &TaskContext, engine: &mut Engine) -> Result<Outcome> {
+        let prompt = self.synthesise(case, ctx)?;
+        let output = engine.complete(&prompt.tokens, prompt.max_new_tokens)?;
+        Ok(Outcome {
+            score: Some(self.score(&prompt, &output)),
+            output: Some(output),
+            expected: prompt.answers.clone(),
+            prompt_tokens: prompt.tokens.len(),
+            ..Outcome::default()
+        })
+    }
+}
+
+/// A task name, what it measures, and how to build it from a spec.
+pub struct TaskEntry {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub build: fn(&SpecPart) -> Result<Box<dyn Task>>,
+}
+
+/// Every task `longctx eval` knows. RULER's named NIAH variants are presets of `niah`.
+pub const REGISTRY: &[TaskEntry] = &[
+    tasks::passkey::ENTRY,
+    tasks::niah::ENTRY,
+];
+
+/// The task a spec names, with its parameters checked.
+pub fn task_from_spec(spec: &Spec) -> Result<Box<dyn Task>> {
+    let [part] = spec.parts.as_slice() else {
+        return Err(EvalError::Invalid(format!(
+            "`{spec}` names several tasks; run one task at a time"
+        )));
+    };
+    if let Some(entry) = REGISTRY.iter().find(|e| e.name == part.name) {
+        return (entry.build)(part);
+    }
+    if let Some(preset) = tasks::niah::preset(part)? {
+        return Ok(preset);
+    }
+    let mut known: Vec<&str> = REGISTRY.iter().map(|e| e.name).collect();
+    known.extend(tasks::niah::PRESETS.iter().map(|(name, _)| *name));
+    Err(longctx::Error::UnknownMethod {
+        kind: "task",
+        name: part.name.clone(),
+        known: known.join(", "),
+    }
+    .into())
+}

@@ -1,0 +1,4 @@
+//! One file per task.
+
+pub mod niah;
+pub mod passkey;
