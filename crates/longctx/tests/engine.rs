@@ -19,6 +19,7 @@ fn session(model: &Arc<Model>, chunk_size: usize, kv_dtype: KvDtype) -> Session 
         kv_dtype,
         chunk_size,
         threads: 2,
+        ..SessionOptions::default()
     };
     Session::new(model.clone(), options).unwrap()
 }

@@ -37,6 +37,7 @@ fn decoding_allocates_nothing() {
         kv_dtype: KvDtype::F16,
         chunk_size: 512,
         threads: 2,
+        ..SessionOptions::default()
     };
     let mut s = Session::new(model.clone(), options).unwrap();
     let ids: Vec<u32> = (0..200).map(|i| (i * 37 % 300 + 5) as u32).collect();
