@@ -3,6 +3,7 @@
 
 mod bench;
 mod common;
+mod eval;
 mod fetch;
 mod run;
 mod tokenize;
@@ -32,6 +33,9 @@ enum Command {
     Tokenize(tokenize::Args),
     /// Measure prefill and decode speed, as llama-bench does.
     Bench(bench::Args),
+    /// Measure the context a model really uses: passkey, needle in a haystack, RULER tasks,
+    /// perplexity against length, MECW; resumable, with reports and plots.
+    Eval(eval::Args),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(args),
         Command::Tokenize(args) => tokenize::main(args),
         Command::Bench(args) => bench::main(args),
+        Command::Eval(args) => eval::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

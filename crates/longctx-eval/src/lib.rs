@@ -5,6 +5,8 @@
 
 pub mod fit;
 pub mod plots;
+pub mod report;
+pub mod runner;
 pub mod scoring;
 pub mod task;
 pub mod tasks;

@@ -58,7 +58,10 @@ mod tests {
     #[test]
     fn match_all_counts_the_fraction_found_ignoring_case() {
         let expected = answers(&["7312094", "Blue-Heron", "x"]);
-        assert_eq!(string_match_all(" 7312094 and blue-heron\n", &expected), 200.0 / 3.0);
+        assert_eq!(
+            string_match_all(" 7312094 and blue-heron\n", &expected),
+            200.0 / 3.0
+        );
         assert_eq!(string_match_all("nothing", &expected), 0.0);
         assert_eq!(string_match_all("x 7312094 BLUE-HERON", &expected), 100.0);
         assert_eq!(string_match_all("anything", &[]), 0.0);

@@ -116,9 +116,9 @@ impl TaskContext {
 
     /// The natural text, or an error saying the task needs it.
     pub fn text(&self) -> Result<&NaturalText> {
-        self.text
-            .as_deref()
-            .ok_or_else(|| EvalError::Invalid("this task needs the natural text, which was not loaded".into()))
+        self.text.as_deref().ok_or_else(|| {
+            EvalError::Invalid("this task needs the natural text, which was not loaded".into())
+        })
     }
 
     /// Number of tokens `text` has on its own, without BOS.
@@ -138,9 +138,13 @@ impl Engine<'_> {
         self.session.reset();
         let mut sampler = Sampler::new(SamplingParams::greedy())?;
         let mut output = String::new();
-        generate(self.session, &mut sampler, prompt, max_new_tokens, &mut |piece| {
-            output.push_str(piece)
-        })?;
+        generate(
+            self.session,
+            &mut sampler,
+            prompt,
+            max_new_tokens,
+            &mut |piece| output.push_str(piece),
+        )?;
         Ok(output)
     }
 }
@@ -160,6 +164,10 @@ pub trait Task: Send + Sync {
     }
     /// Runs one case.
     fn run(&self, case: &Case, ctx: &TaskContext, engine: &mut Engine) -> Result<Outcome>;
+    /// The task's prompt synthesis, where it has one (to replay prompts in another engine).
+    fn as_synthetic(&self) -> Option<&dyn Synthetic> {
+        None
+    }
 }
 
 /// A task that synthesises a prompt with known answers and scores a greedy completion: all the
@@ -193,6 +201,10 @@ impl<T: Synthetic> Task for T {
         Synthetic::needs_text(self)
     }
 
+    fn as_synthetic(&self) -> Option<&dyn Synthetic> {
+        Some(self)
+    }
+
     fn run(&self, case: &Case, ctx: &TaskContext, engine: &mut Engine) -> Result<Outcome> {
         let prompt = self.synthesise(case, ctx)?;
         let output = engine.complete(&prompt.tokens, prompt.max_new_tokens)?;
@@ -214,10 +226,7 @@ pub struct TaskEntry {
 }
 
 /// Every task `longctx eval` knows. RULER's named NIAH variants are presets of `niah`.
-pub const REGISTRY: &[TaskEntry] = &[
-    tasks::passkey::ENTRY,
-    tasks::niah::ENTRY,
-];
+pub const REGISTRY: &[TaskEntry] = &[tasks::passkey::ENTRY, tasks::niah::ENTRY];
 
 /// The task a spec names, with its parameters checked.
 pub fn task_from_spec(spec: &Spec) -> Result<Box<dyn Task>> {

@@ -127,7 +127,13 @@ impl NaturalText {
     /// The text from the end of word `from` to the end of word `to` (word counts), with its
     /// original spacing.
     pub fn words_between(&self, from: usize, to: usize) -> &str {
-        let offset = |w: usize| if w == 0 { 0 } else { self.word_ends[w.min(self.word_count()) - 1] };
+        let offset = |w: usize| {
+            if w == 0 {
+                0
+            } else {
+                self.word_ends[w.min(self.word_count()) - 1]
+            }
+        };
         &self.text[offset(from)..offset(to.max(from))]
     }
 
@@ -139,7 +145,10 @@ impl NaturalText {
         if word == 0 || word == words {
             return word;
         }
-        let before = (1..=word).rev().find(|&w| self.sentence_end[w - 1]).unwrap_or(0);
+        let before = (1..=word)
+            .rev()
+            .find(|&w| self.sentence_end[w - 1])
+            .unwrap_or(0);
         let after = (word..=words)
             .find(|&w| w == words || self.sentence_end[w - 1])
             .unwrap_or(words);
@@ -168,7 +177,11 @@ fn kjv_from_jsonl(bytes: &[u8], path: &Path) -> Result<String> {
     let text = std::str::from_utf8(bytes).map_err(|e| bad(0, &e))?;
     let mut out = String::with_capacity(text.len() / 2);
     let mut chapter = None;
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let verse: Verse = serde_json::from_str(line).map_err(|e| bad(i + 1, &e))?;
         let this = (verse.book, verse.chapter);
         if chapter.as_ref() != Some(&this) {

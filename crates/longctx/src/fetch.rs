@@ -373,6 +373,15 @@ fn copy_hashed(
     Ok(hex(&hasher.finalize()))
 }
 
+/// The sha256 of a file, remembered in a `.sha256` sidecar beside it (where writable) while its
+/// size and mtime stay the same, so results can name the exact model without rehashing it.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    cached_hash(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// The sha256 of a cached file, from its sidecar when size and mtime still match.
 fn cached_hash(path: &Path) -> io::Result<String> {
     let key = sidecar_key(path)?;

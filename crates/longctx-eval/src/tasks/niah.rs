@@ -25,11 +25,23 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("niah_single_1", "haystack=noise,key=words,value=numbers"),
     ("niah_single_2", "haystack=text,key=words,value=numbers"),
     ("niah_single_3", "haystack=text,key=words,value=uuids"),
-    ("niah_multikey_1", "haystack=text,key=words,value=numbers,keys=4"),
-    ("niah_multikey_2", "haystack=needles,key=words,value=numbers"),
+    (
+        "niah_multikey_1",
+        "haystack=text,key=words,value=numbers,keys=4",
+    ),
+    (
+        "niah_multikey_2",
+        "haystack=needles,key=words,value=numbers",
+    ),
     ("niah_multikey_3", "haystack=needles,key=uuids,value=uuids"),
-    ("niah_multivalue", "haystack=text,key=words,value=numbers,values=4"),
-    ("niah_multiquery", "haystack=text,key=words,value=numbers,queries=4"),
+    (
+        "niah_multivalue",
+        "haystack=text,key=words,value=numbers,values=4",
+    ),
+    (
+        "niah_multiquery",
+        "haystack=text,key=words,value=numbers,queries=4",
+    ),
 ];
 
 /// RULER generates up to 128 tokens for NIAH.
@@ -128,7 +140,12 @@ impl Niah {
             format!("Some special magic {noun} are hidden in the text below. Memorize them, since you will be asked about the {noun} afterwards.")
         };
         let (ask, verb) = if one {
-            (format!("What is the special magic {noun} for {query} mentioned in the text above?"), "is")
+            (
+                format!(
+                    "What is the special magic {noun} for {query} mentioned in the text above?"
+                ),
+                "is",
+            )
         } else {
             (format!("What are all the special magic {noun} for {query} mentioned in the text above?"), "are")
         };
@@ -226,7 +243,9 @@ impl Niah {
                 ctx.text()?;
                 Vec::new()
             }
-            Haystack::Noise => (0..200_000).map(|i| NOISE[i % NOISE.len()].to_string()).collect(),
+            Haystack::Noise => (0..200_000)
+                .map(|i| NOISE[i % NOISE.len()].to_string())
+                .collect(),
             Haystack::Needles => (0..60_000)
                 .map(|_| self.needle(&self.key.draw(rng), &self.value.draw(rng)))
                 .collect(),
@@ -253,7 +272,11 @@ impl Niah {
             })
             .collect();
         inserts.sort_by_key(|(at, _)| *at);
-        let separator = if self.haystack == Haystack::Needles { "\n" } else { " " };
+        let separator = if self.haystack == Haystack::Needles {
+            "\n"
+        } else {
+            " "
+        };
         let mut out = String::new();
         let mut next = inserts.iter().peekable();
         let push = |out: &mut String, piece: &str| {

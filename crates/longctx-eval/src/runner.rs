@@ -1,0 +1,389 @@
+//! Running a sweep so that no finished work is ever lost.
+//!
+//! A result folder holds `config.json` (everything that determines a case's result) and
+//! `results.jsonl` (one line per finished case, appended and synced the moment the case ends).
+//! A rerun with the same configuration skips the cases already there; a kill at any moment loses
+//! at most the case in flight, and a line half-written by that kill is dropped on the next start.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::task::{Case, Engine, Outcome, Task, TaskContext};
+use crate::text::TextSource;
+use crate::{EvalError, Result};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const RESULTS_FILE: &str = "results.jsonl";
+
+/// Everything that decides what a case scores. Two runs may share a folder only when these are
+/// equal; the sweep itself (lengths, depths, samples) and the thread count may differ, so a
+/// folder can be extended with more lengths later.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// The task with every parameter resolved.
+    pub task: String,
+    pub model: ModelInfo,
+    /// Position scheme, as given to `--rope`.
+    pub rope: String,
+    /// KV-cache policy, as given to `--kv`.
+    pub kv: String,
+    pub kv_dtype: String,
+    pub chunk_size: usize,
+    /// Whether prompts were wrapped in the model's chat template.
+    pub chat_template: bool,
+    pub seed: u64,
+    /// The natural text, for tasks that read one.
+    pub text: Option<TextSource>,
+    pub longctx_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub file: String,
+    pub sha256: String,
+    pub architecture: String,
+    pub trained_ctx: usize,
+}
+
+/// One line of `results.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(flatten)]
+    pub case: Case,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    pub seconds: f64,
+}
+
+/// A result folder, open for appending.
+pub struct RunDir {
+    dir: PathBuf,
+    pub config: RunConfig,
+    records: Vec<Record>,
+    results: File,
+}
+
+impl RunDir {
+    /// Opens `dir` for `config`, creating it if needed. A folder written with a different
+    /// configuration is refused, naming the first difference.
+    pub fn open(dir: &Path, config: &RunConfig) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(|source| EvalError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let config_path = dir.join(CONFIG_FILE);
+        match read_config(dir)? {
+            Some(existing) => {
+                if let Some(field) = first_difference(&existing, config) {
+                    return Err(EvalError::Invalid(format!(
+                        "{} holds results of a different configuration ({field}); use another --out folder, or rerun with the same settings to resume",
+                        dir.display()
+                    )));
+                }
+            }
+            None => write_atomic(&config_path, &to_pretty(config))?,
+        }
+        let results_path = dir.join(RESULTS_FILE);
+        let records = load_records(&results_path)?;
+        let results = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&results_path)
+            .map_err(|source| EvalError::Write {
+                path: results_path.clone(),
+                source,
+            })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config: config.clone(),
+            records,
+            results,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
+    pub fn is_done(&self, case: &Case) -> bool {
+        self.records.iter().any(|r| r.case == *case)
+    }
+
+    /// Appends a finished case and makes it durable before returning.
+    pub fn append(&mut self, record: Record) -> Result<()> {
+        let mut line = serde_json::to_string(&record).expect("records serialize");
+        line.push('\n');
+        let path = self.dir.join(RESULTS_FILE);
+        let err = |source| EvalError::Write {
+            path: path.clone(),
+            source,
+        };
+        self.results.write_all(line.as_bytes()).map_err(err)?;
+        self.results.sync_data().map_err(err)?;
+        self.records.push(record);
+        Ok(())
+    }
+}
+
+/// The configuration a folder was written with, if any.
+pub fn read_config(dir: &Path) -> Result<Option<RunConfig>> {
+    let path = dir.join(CONFIG_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(longctx::Error::Io { path, source }.into()),
+    };
+    serde_json::from_str(&text).map(Some).map_err(|e| {
+        EvalError::Invalid(format!(
+            "{} is not a longctx run configuration ({e}); is this a result folder?",
+            path.display()
+        ))
+    })
+}
+
+/// Reads `results.jsonl`. A last line without its newline was cut by a kill and is dropped (and
+/// cut from the file, so the next append starts on a clean line); a bad line elsewhere means
+/// the file was damaged, which is reported rather than silently skipped.
+pub fn load_records(path: &Path) -> Result<Vec<Record>> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(longctx::Error::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+            .into())
+        }
+    };
+    let complete = text.rfind('\n').map_or(0, |i| i + 1);
+    if complete < text.len() {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|source| EvalError::Write {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        file.set_len(complete as u64)
+            .map_err(|source| EvalError::Write {
+                path: path.to_path_buf(),
+                source,
+            })?;
+    }
+    let mut records = Vec::new();
+    for (i, line) in text[..complete].lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: Record = serde_json::from_str(line).map_err(|e| {
+            EvalError::Invalid(format!(
+                "line {} of {} is damaged ({e}); remove that line to resume",
+                i + 1,
+                path.display()
+            ))
+        })?;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// Cases of a sweep, shortest first so that early results come early.
+pub fn plan(task: &dyn Task, lengths: &[usize], depths: &[f64], samples: u32) -> Vec<Case> {
+    let mut cases = Vec::new();
+    for &length in lengths {
+        let depths: Vec<Option<f64>> = if task.uses_depth() {
+            depths.iter().map(|&d| Some(d)).collect()
+        } else {
+            vec![None]
+        };
+        for depth in depths {
+            for sample in 0..samples {
+                cases.push(Case {
+                    length,
+                    depth,
+                    sample,
+                });
+            }
+        }
+    }
+    cases
+}
+
+/// What the runner tells its caller as it goes.
+pub enum Event<'a> {
+    /// Before the first case: how many cases the sweep has, how many are already done, and the
+    /// token lengths of the ones still to run (for a time estimate weighted by cost).
+    Start {
+        total: usize,
+        done: usize,
+        pending_tokens: &'a [usize],
+    },
+    /// A case finished and was recorded.
+    Finished(&'a Record),
+}
+
+/// Runs every case of `cases` that `dir` does not hold yet.
+pub fn run(
+    task: &dyn Task,
+    ctx: &TaskContext,
+    engine: &mut Engine,
+    dir: &mut RunDir,
+    cases: &[Case],
+    on_event: &mut dyn FnMut(Event),
+) -> Result<()> {
+    let pending: Vec<&Case> = cases.iter().filter(|c| !dir.is_done(c)).collect();
+    let pending_tokens: Vec<usize> = pending.iter().map(|c| c.length).collect();
+    on_event(Event::Start {
+        total: cases.len(),
+        done: cases.len() - pending.len(),
+        pending_tokens: &pending_tokens,
+    });
+    for case in pending {
+        let started = Instant::now();
+        let outcome = task.run(case, ctx, engine)?;
+        let record = Record {
+            case: *case,
+            outcome,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        dir.append(record)?;
+        on_event(Event::Finished(dir.records.last().expect("just appended")));
+    }
+    Ok(())
+}
+
+fn first_difference(a: &RunConfig, b: &RunConfig) -> Option<String> {
+    let (a, b) = (
+        serde_json::to_value(a).expect("config serializes"),
+        serde_json::to_value(b).expect("config serializes"),
+    );
+    let (serde_json::Value::Object(a), serde_json::Value::Object(b)) = (a, b) else {
+        return None;
+    };
+    a.iter()
+        .find(|(key, value)| b.get(*key) != Some(value))
+        .map(|(key, value)| {
+            let new = b.get(key).cloned().unwrap_or(serde_json::Value::Null);
+            format!("{key} was {value}, now {new}")
+        })
+}
+
+fn to_pretty<T: Serialize>(value: &T) -> String {
+    let mut text = serde_json::to_string_pretty(value).expect("values serialize");
+    text.push('\n');
+    text
+}
+
+/// Writes `path` through a temporary file and a rename, so a reader never sees half a file.
+pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
+    let tmp = path.with_extension("partial");
+    let err = |source| EvalError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    fs::write(&tmp, contents).map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> RunConfig {
+        RunConfig {
+            task: "passkey".into(),
+            model: ModelInfo {
+                file: "m.gguf".into(),
+                sha256: "ab".into(),
+                architecture: "llama".into(),
+                trained_ctx: 512,
+            },
+            rope: "none".into(),
+            kv: "full".into(),
+            kv_dtype: "f16".into(),
+            chunk_size: 512,
+            chat_template: true,
+            seed: 42,
+            text: None,
+            longctx_version: "0.1.0".into(),
+        }
+    }
+
+    fn record(length: usize, sample: u32) -> Record {
+        Record {
+            case: Case {
+                length,
+                depth: Some(50.0),
+                sample,
+            },
+            outcome: Outcome {
+                score: Some(100.0),
+                output: Some(" 123".into()),
+                expected: vec!["123".into()],
+                prompt_tokens: length - 16,
+                ..Outcome::default()
+            },
+            seconds: 0.5,
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening_and_a_torn_last_line_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut run = RunDir::open(dir.path(), &config()).unwrap();
+        run.append(record(1024, 0)).unwrap();
+        run.append(record(1024, 1)).unwrap();
+        drop(run);
+        // A kill in the middle of the third write leaves half a line.
+        let path = dir.path().join(RESULTS_FILE);
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"{\"length\":2048,\"dep").unwrap();
+        drop(file);
+
+        let mut run = RunDir::open(dir.path(), &config()).unwrap();
+        assert_eq!(run.records(), [record(1024, 0), record(1024, 1)]);
+        run.append(record(2048, 0)).unwrap();
+        let reopened = load_records(&path).unwrap();
+        assert_eq!(
+            reopened.len(),
+            3,
+            "the torn line is gone and the new one is whole"
+        );
+        assert_eq!(reopened[2], record(2048, 0));
+    }
+
+    #[test]
+    fn a_folder_of_another_configuration_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        RunDir::open(dir.path(), &config()).unwrap();
+        let other = RunConfig {
+            rope: "yarn:factor=4".into(),
+            ..config()
+        };
+        let err = RunDir::open(dir.path(), &other).err().unwrap().to_string();
+        assert!(
+            err.contains("different configuration") && err.contains("rope"),
+            "{err}"
+        );
+        assert!(err.contains("yarn:factor=4"), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_line_in_the_middle_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(RESULTS_FILE);
+        let good = serde_json::to_string(&record(1024, 0)).unwrap();
+        fs::write(&path, format!("{good}\nnot json\n{good}\n")).unwrap();
+        let err = load_records(&path).unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+    }
+}
