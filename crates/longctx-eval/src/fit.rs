@@ -71,7 +71,7 @@ pub fn fit(
     let total = lo_tokens.len() + reserve;
     if (total as f64) < 0.99 * case.length as f64 {
         return Err(EvalError::Invalid(format!(
-            "the haystack ran out at {total} of {} tokens; the text is too short for this length, use a longer --text",
+            "the haystack stops at {total} of {} tokens: its text ran out or its pieces are too coarse for this length; use a longer length, or a longer --text for natural-text haystacks",
             case.length
         )));
     }

@@ -226,7 +226,16 @@ pub struct TaskEntry {
 }
 
 /// Every task `longctx eval` knows. RULER's named NIAH variants are presets of `niah`.
-pub const REGISTRY: &[TaskEntry] = &[tasks::passkey::ENTRY, tasks::niah::ENTRY];
+pub const REGISTRY: &[TaskEntry] = &[
+    tasks::passkey::ENTRY,
+    tasks::niah::ENTRY,
+    tasks::ppl::ENTRY,
+    tasks::mecw::ENTRY,
+    tasks::vt::ENTRY,
+    tasks::cwe::ENTRY,
+    tasks::fwe::ENTRY,
+    tasks::threads::ENTRY,
+];
 
 /// The task a spec names, with its parameters checked.
 pub fn task_from_spec(spec: &Spec) -> Result<Box<dyn Task>> {
@@ -249,4 +258,54 @@ pub fn task_from_spec(spec: &Spec) -> Result<Box<dyn Task>> {
         known: known.join(", "),
     }
     .into())
+}
+
+/// What the tests of every task share: the tiny random-weight model of the engine's fixtures
+/// (byte-level vocabulary, so about one token per byte) and a context around it.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub fn tiny_model() -> Arc<Model> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/models/llama-q4_1.gguf"
+        );
+        Model::load(std::path::Path::new(path)).expect("the tiny fixture model loads")
+    }
+
+    pub fn context(text: Option<NaturalText>) -> TaskContext {
+        TaskContext {
+            model: tiny_model(),
+            chat: None,
+            text: text.map(Arc::new),
+            seed: 42,
+        }
+    }
+
+    /// Checks a synthesised prompt: its length is the case's to within 1% and never above it,
+    /// every answer is in it, and the first answer sits at the case's depth to within
+    /// `depth_tolerance` percentage points of the prompt.
+    pub fn check_prompt(ctx: &TaskContext, case: &Case, prompt: &Prompt, depth_tolerance: f64) {
+        let total = prompt.tokens.len() + prompt.max_new_tokens;
+        assert!(total <= case.length, "{case:?}: {total} tokens");
+        assert!(
+            total as f64 >= 0.99 * case.length as f64,
+            "{case:?}: only {total} tokens"
+        );
+        let text = ctx.model.tokenizer.decode(&prompt.tokens);
+        for answer in &prompt.answers {
+            assert!(text.contains(answer.as_str()), "{case:?}: {answer} missing");
+        }
+        if let Some(depth) = case.depth {
+            let at = prompt
+                .answer_at
+                .expect("a task with depths reports where the answer is");
+            let placed = 100.0 * at as f64 / prompt.tokens.len() as f64;
+            assert!(
+                (placed - depth).abs() <= depth_tolerance,
+                "{case:?}: answer at {placed:.1}% of the prompt"
+            );
+        }
+    }
 }

@@ -11,6 +11,7 @@ use rand::Rng;
 
 use crate::fit::{fit, Draft};
 use crate::task::{Case, Prompt, Synthetic, Task, TaskContext, TaskEntry};
+use crate::text::NaturalText;
 use crate::words::{join_list, Kind};
 use crate::Result;
 
@@ -212,18 +213,21 @@ impl Synthetic for Niah {
         }
         let answers: Vec<String> = values[..self.queries].iter().flatten().cloned().collect();
         let (template, answer_prefix) = self.question(&join_list(queried));
-        let units = self.units(ctx, &mut rng)?;
+        let generated;
+        let haystack = match self.haystack {
+            Haystack::Text => ctx.text()?,
+            Haystack::Noise | Haystack::Needles => {
+                generated = self.generate_haystack(case.length, &mut rng);
+                &generated
+            }
+        };
         let draft = |n: usize| -> Result<Draft> {
             Ok(Draft {
-                user: template.replace("{context}", &self.haystack_text(ctx, &units, n, &placed)?),
+                user: template.replace("{context}", &insert(haystack, n, &placed)),
                 answer_prefix: answer_prefix.clone(),
             })
         };
-        let max_units = match self.haystack {
-            Haystack::Text => ctx.text()?.word_count(),
-            _ => units.len(),
-        };
-        let (n, tokens) = fit(ctx, case, ANSWER_TOKENS, max_units, draft)?;
+        let (n, tokens) = fit(ctx, case, ANSWER_TOKENS, haystack.word_count(), draft)?;
         let rendered = ctx.render(&draft(n)?.user, &answer_prefix)?;
         Ok(Prompt {
             answer_at: ctx.token_index_of(&rendered, &placed[0].text),
@@ -235,79 +239,130 @@ impl Synthetic for Niah {
 }
 
 impl Niah {
-    /// The haystack's units where they are synthetic: noise sentences or distractor needles,
-    /// more than any length needs (a 1M-token prompt at most). Natural text is cut by words.
-    fn units(&self, ctx: &TaskContext, rng: &mut impl Rng) -> Result<Vec<String>> {
-        Ok(match self.haystack {
-            Haystack::Text => {
-                ctx.text()?;
-                Vec::new()
-            }
-            Haystack::Noise => (0..200_000)
-                .map(|i| NOISE[i % NOISE.len()].to_string())
-                .collect(),
-            Haystack::Needles => (0..60_000)
+    /// A synthetic haystack with more words than `length` tokens could hold (every word is at
+    /// least one token): noise sentences, or distractor needles one per line.
+    fn generate_haystack(&self, length: usize, rng: &mut impl Rng) -> NaturalText {
+        let text = match self.haystack {
+            Haystack::Needles => (0..length / 8 + 16)
                 .map(|_| self.needle(&self.key.draw(rng), &self.value.draw(rng)))
-                .collect(),
+                .collect::<Vec<_>>()
+                .join("\n"),
+            _ => (0..length / 3 + 16)
+                .map(|i| NOISE[i % NOISE.len()])
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        NaturalText::synthetic(text)
+    }
+}
+
+/// The haystack's first `n` words with the needles between sentences at their depths. The
+/// haystack is cut by words, not sentences, so that the prompt can meet its length to the token
+/// (the landmark passkey test cuts its filler mid-sentence the same way).
+fn insert(haystack: &NaturalText, n: usize, placed: &[Placed]) -> String {
+    let mut inserts: Vec<(usize, &str)> = placed
+        .iter()
+        .map(|p| {
+            let at = (p.depth * n as f64).round() as usize;
+            (haystack.sentence_boundary_near(at, n), p.text.as_str())
         })
+        .collect();
+    inserts.sort_by_key(|(at, _)| *at);
+    let mut out = String::new();
+    let mut from = 0;
+    for (at, needle) in inserts {
+        out.push_str(haystack.words_between(from, at));
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(needle);
+        from = at;
+    }
+    out.push_str(haystack.words_between(from, n));
+    out.trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::task_from_spec;
+    use crate::task::testing::{check_prompt, context};
+    use crate::text::sample_text;
+
+    fn niah(spec: &str) -> Niah {
+        let spec: Spec = spec.parse().unwrap();
+        Niah::from_spec(&spec.parts[0]).unwrap()
     }
 
-    fn haystack_text(
-        &self,
-        ctx: &TaskContext,
-        units: &[String],
-        n: usize,
-        placed: &[Placed],
-    ) -> Result<String> {
-        // Insertion points in haystack units, each needle between two units.
-        let mut inserts: Vec<(usize, &str)> = placed
-            .iter()
-            .map(|p| {
-                let at = (p.depth * n as f64).round() as usize;
-                let at = match self.haystack {
-                    Haystack::Text => ctx.text().map_or(at, |t| t.sentence_boundary_near(at, n)),
-                    _ => at.min(n),
+    #[test]
+    fn every_haystack_meets_the_length_with_needles_at_the_depth() {
+        let ctx = context(Some(sample_text()));
+        for spec in [
+            "niah:haystack=noise",
+            "niah:haystack=text,value=uuids",
+            "niah:haystack=needles,key=uuids,value=uuids",
+            "niah:haystack=text,keys=4,values=2,queries=2",
+        ] {
+            let task = niah(spec);
+            for depth in [0.0, 50.0, 100.0] {
+                let case = Case {
+                    length: 3072,
+                    depth: Some(depth),
+                    sample: 0,
                 };
-                (at, p.text.as_str())
-            })
-            .collect();
-        inserts.sort_by_key(|(at, _)| *at);
-        let separator = if self.haystack == Haystack::Needles {
-            "\n"
-        } else {
-            " "
-        };
-        let mut out = String::new();
-        let mut next = inserts.iter().peekable();
-        let push = |out: &mut String, piece: &str| {
-            if !out.is_empty() && !out.ends_with(char::is_whitespace) {
-                out.push_str(separator);
-            }
-            out.push_str(piece);
-        };
-        match self.haystack {
-            Haystack::Text => {
-                let text = ctx.text()?;
-                let mut from = 0;
-                for &(at, needle) in next.by_ref() {
-                    out.push_str(text.words_between(from, at));
-                    push(&mut out, needle);
-                    from = at;
-                }
-                out.push_str(text.words_between(from, n));
-            }
-            _ => {
-                for (i, unit) in units[..n].iter().enumerate() {
-                    while let Some(&(_, needle)) = next.next_if(|(at, _)| *at <= i) {
-                        push(&mut out, needle);
-                    }
-                    push(&mut out, unit);
-                }
-                for &(_, needle) in next {
-                    push(&mut out, needle);
-                }
+                let prompt = task.synthesise(&case, &ctx).unwrap();
+                assert_eq!(prompt.answers.len(), task.queries * task.values, "{spec}");
+                // The fixed text is ~300 bytes; natural text moves a needle to a sentence end.
+                check_prompt(&ctx, &case, &prompt, 12.0);
             }
         }
-        Ok(out.trim().to_string())
+    }
+
+    #[test]
+    fn one_query_one_value_reads_in_the_singular() {
+        let single = niah("niah");
+        let (template, prefix) = single.question("calm-river");
+        assert!(template.contains("What is the special magic number for calm-river"));
+        assert!(prefix.ends_with("is"), "{prefix}");
+        let multi = niah("niah:values=3");
+        let (template, prefix) = multi.question("calm-river");
+        assert!(template.contains("What are all the special magic numbers"));
+        assert!(prefix.ends_with("are"), "{prefix}");
+    }
+
+    #[test]
+    fn scored_as_ruler_scores_it() {
+        let task = niah("niah:values=2");
+        let prompt = Prompt {
+            tokens: vec![],
+            answers: vec!["1234567".into(), "7654321".into()],
+            max_new_tokens: ANSWER_TOKENS,
+            answer_at: None,
+        };
+        assert_eq!(task.score(&prompt, " 1234567 and 7654321."), 100.0);
+        assert_eq!(task.score(&prompt, " 1234567."), 50.0);
+        assert_eq!(task.score(&prompt, " none"), 0.0);
+    }
+
+    #[test]
+    fn presets_and_bad_parameters() {
+        let task = task_from_spec(&"niah_multikey_3".parse().unwrap()).unwrap();
+        assert_eq!(
+            task.spec(),
+            "niah:haystack=needles,key=uuids,value=uuids,keys=1,values=1,queries=1"
+        );
+        let task = task_from_spec(&"niah_single_2:value=uuids".parse().unwrap()).unwrap();
+        assert!(task.spec().contains("haystack=text,key=words,value=uuids"));
+        for (bad, needle) in [
+            ("niah:haystack=essay", "noise, text, needles"),
+            ("niah:keys=0", "out of range"),
+            ("niah:needles=3", "no parameter `needles`"),
+        ] {
+            let err = task_from_spec(&bad.parse().unwrap())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
     }
 }
