@@ -298,7 +298,7 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn config() -> RunConfig {
+    pub(super) fn config() -> RunConfig {
         RunConfig {
             task: "passkey".into(),
             model: ModelInfo {
@@ -385,5 +385,121 @@ mod tests {
         fs::write(&path, format!("{good}\nnot json\n{good}\n")).unwrap();
         let err = load_records(&path).unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
+    }
+}
+
+/// The runner end to end on the tiny fixture model: a kill halfway loses nothing and repeats
+/// nothing on resume, and the report is built from what was recorded.
+#[cfg(test)]
+mod resume_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use longctx::session::{Session, SessionOptions};
+
+    use super::*;
+    use crate::report::{write_report, RunResults};
+    use crate::task::testing::context;
+    use crate::tasks::passkey::Passkey;
+
+    /// Passkey, but the process "dies" when case number `die_at` starts.
+    struct Dying {
+        calls: AtomicUsize,
+        die_at: usize,
+    }
+
+    impl Task for Dying {
+        fn spec(&self) -> String {
+            "passkey".into()
+        }
+
+        fn run(&self, case: &Case, ctx: &TaskContext, engine: &mut Engine) -> Result<Outcome> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.die_at {
+                return Err(EvalError::Invalid("killed".into()));
+            }
+            Passkey.run(case, ctx, engine)
+        }
+    }
+
+    #[test]
+    fn a_killed_run_resumes_without_losing_or_repeating_cases() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(None);
+        let mut session = Session::new(
+            ctx.model.clone(),
+            SessionOptions {
+                n_ctx: 512,
+                threads: 2,
+                ..SessionOptions::default()
+            },
+        )
+        .unwrap();
+        let mut engine = Engine {
+            session: &mut session,
+        };
+        let dying = Dying {
+            calls: AtomicUsize::new(0),
+            die_at: 4,
+        };
+        let cases = plan(&dying, &[384, 512], &[0.0, 100.0], 2);
+        assert_eq!(cases.len(), 8);
+        let config = super::tests::config();
+
+        let mut run_dir = RunDir::open(dir.path(), &config).unwrap();
+        let err = run(&dying, &ctx, &mut engine, &mut run_dir, &cases, &mut |_| {});
+        assert!(err.is_err());
+        assert_eq!(
+            run_dir.records().len(),
+            3,
+            "the three finished cases are on disk"
+        );
+        drop(run_dir);
+
+        let resumed = Dying {
+            calls: AtomicUsize::new(0),
+            die_at: usize::MAX,
+        };
+        let mut run_dir = RunDir::open(dir.path(), &config).unwrap();
+        let mut started_with = 0;
+        run(
+            &resumed,
+            &ctx,
+            &mut engine,
+            &mut run_dir,
+            &cases,
+            &mut |event| {
+                if let Event::Start { done, .. } = event {
+                    started_with = done;
+                }
+            },
+        )
+        .unwrap();
+        assert_eq!(started_with, 3);
+        assert_eq!(
+            resumed.calls.load(Ordering::SeqCst),
+            5,
+            "only the missing cases ran"
+        );
+        let records = load_records(&dir.path().join(RESULTS_FILE)).unwrap();
+        let mut seen: Vec<Case> = records.iter().map(|r| r.case).collect();
+        seen.sort_by_key(Case::id);
+        let mut expected = cases.clone();
+        expected.sort_by_key(Case::id);
+        assert_eq!(seen, expected, "every case exactly once");
+
+        // The report reads the folder back and draws the heatmap.
+        let files = write_report(dir.path(), &[RunResults::load(dir.path()).unwrap()]).unwrap();
+        for name in [
+            "report.md",
+            "summary.json",
+            "scores.png",
+            "heatmap-passkey.png",
+        ] {
+            assert!(
+                files.iter().any(|f| f.ends_with(name)),
+                "{name} missing: {files:?}"
+            );
+        }
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md.contains("| depth \\ length |"), "{md}");
     }
 }
