@@ -41,7 +41,7 @@ pub fn main(args: Args) -> Result<()> {
     let model = args.model.load()?;
     let n_ctx = args.depth + args.prompt_tokens + args.gen_tokens;
     let vocab = model.tokenizer.vocab_size();
-    let mut session = Session::new(model, args.engine.session_options(n_ctx))?;
+    let mut session = Session::new(model, args.engine.session_options(n_ctx)?)?;
     let tokens = synthetic_tokens(vocab, n_ctx);
     let (depth_tokens, rest) = tokens.split_at(args.depth);
     let (prompt_tokens, gen_tokens) = rest.split_at(args.prompt_tokens);

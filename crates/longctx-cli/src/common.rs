@@ -42,16 +42,13 @@ pub struct EngineArgs {
     /// Element type of the KV cache.
     #[arg(long, value_enum, default_value_t = KvDtypeArg::F16)]
     pub kv_dtype: KvDtypeArg,
+    // Parsed by the library, not by clap, so a bad spec reads like every other longctx error.
     /// Position scheme, as name:key=value,… (`none`: the model's own RoPE).
-    #[arg(long, value_name = "SPEC", default_value = "none", value_parser = parse_spec)]
-    pub rope: Spec,
+    #[arg(long, value_name = "SPEC", default_value = "none")]
+    pub rope: String,
     /// KV-cache policy, as name:key=value,… (`full`: keep every token).
-    #[arg(long, value_name = "SPEC", default_value = "full", value_parser = parse_spec)]
-    pub kv: Spec,
-}
-
-fn parse_spec(text: &str) -> Result<Spec, String> {
-    text.parse().map_err(|e: longctx::Error| e.to_string())
+    #[arg(long, value_name = "SPEC", default_value = "full")]
+    pub kv: String,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -61,9 +58,9 @@ pub enum KvDtypeArg {
 }
 
 impl EngineArgs {
-    pub fn session_options(&self, n_ctx: usize) -> SessionOptions {
+    pub fn session_options(&self, n_ctx: usize) -> Result<SessionOptions> {
         let defaults = SessionOptions::default();
-        SessionOptions {
+        Ok(SessionOptions {
             n_ctx,
             kv_dtype: match self.kv_dtype {
                 KvDtypeArg::F16 => KvDtype::F16,
@@ -71,9 +68,9 @@ impl EngineArgs {
             },
             chunk_size: self.chunk_size,
             threads: self.threads.unwrap_or(defaults.threads),
-            rope: self.rope.clone(),
-            kv: self.kv.clone(),
-        }
+            rope: self.rope.parse::<Spec>()?,
+            kv: self.kv.parse::<Spec>()?,
+        })
     }
 }
 

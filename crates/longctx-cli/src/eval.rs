@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use longctx::chat::ChatTemplate;
 use longctx::fetch::FetchConfig;
@@ -135,6 +135,8 @@ fn evaluate(args: Args) -> Result<()> {
     if args.samples == 0 {
         bail!("--samples must be at least 1");
     }
+    // A bad --rope or --kv is reported before the model loads, not after.
+    args.engine.session_options(0)?;
     let mut lengths = args.lengths.clone();
     lengths.sort_unstable();
     lengths.dedup();
@@ -162,12 +164,12 @@ fn evaluate(args: Args) -> Result<()> {
 
     let max_length = *lengths.last().expect("lengths is not empty");
     let trained = model.trained_ctx();
-    if max_length > trained && args.engine.rope.is("none") {
+    if max_length > trained && args.engine.rope == "none" {
         eprintln!(
             "note: lengths past the model's trained {trained} tokens run with its own RoPE (--rope none); expect it to break down there"
         );
     }
-    let options = args.engine.session_options(max_length);
+    let options = args.engine.session_options(max_length)?;
     let config = RunConfig {
         task: task.spec(),
         model: ModelInfo {
@@ -190,9 +192,7 @@ fn evaluate(args: Args) -> Result<()> {
         text: text.as_ref().map(|t| t.source.clone()),
         longctx_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let mut session = Session::new(model.clone(), options).with_context(|| {
-        format!("the engine cannot hold the longest length ({max_length} tokens) with this configuration")
-    })?;
+    let mut session = Session::new(model.clone(), options)?;
     let out = args
         .out
         .clone()

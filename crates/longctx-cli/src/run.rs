@@ -92,7 +92,7 @@ pub fn main(args: Args) -> Result<()> {
     let n_ctx = args
         .ctx
         .unwrap_or_else(|| (prompt.len() + args.max_tokens).min(model.trained_ctx()));
-    let mut session = Session::new(model, args.engine.session_options(n_ctx))?;
+    let mut session = Session::new(model, args.engine.session_options(n_ctx)?)?;
 
     let mut out = Stdout::default();
     let stats = generate(

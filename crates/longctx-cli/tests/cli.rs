@@ -373,3 +373,173 @@ fn fetch_prints_the_cached_path() {
     let printed = String::from_utf8(out.stdout).unwrap();
     assert_eq!(Path::new(printed.trim()), model);
 }
+
+fn tiny_model() -> String {
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/models/llama-q4_1.gguf"
+    )
+    .to_string()
+}
+
+/// `longctx eval` on the tiny fixture model into `out`, with `extra` arguments.
+fn eval_tiny(out: &Path, extra: &[&str]) -> Output {
+    let model = tiny_model();
+    let out = out.to_str().unwrap();
+    let mut args = vec![
+        "eval",
+        "passkey",
+        "--model",
+        &model,
+        "--lengths",
+        "384",
+        "--depths",
+        "0,100",
+        "--threads",
+        "2",
+        "--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    longctx(&args)
+}
+
+#[test]
+fn eval_runs_resumes_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("passkey");
+    let first = eval_tiny(&out, &[]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let results = fs::read_to_string(out.join("results.jsonl")).unwrap();
+    assert_eq!(results.lines().count(), 2, "{results}");
+    for file in [
+        "config.json",
+        "summary.json",
+        "report.md",
+        "heatmap-passkey.png",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let again = eval_tiny(&out, &[]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("resuming: 2 of 2 cases already done"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(
+        fs::read_to_string(out.join("results.jsonl")).unwrap(),
+        results
+    );
+
+    let report_dir = dir.path().join("compared");
+    let report = longctx(&[
+        "eval",
+        "report",
+        out.to_str().unwrap(),
+        "--out",
+        report_dir.to_str().unwrap(),
+    ]);
+    assert!(report.status.success(), "{}", stderr(&report));
+    assert!(report_dir.join("report.md").is_file());
+}
+
+#[test]
+fn eval_refuses_a_folder_of_another_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    assert!(eval_tiny(&out, &[]).status.success());
+    let other = eval_tiny(&out, &["--seed", "7"]);
+    assert_clean_failure(
+        &other,
+        "holds results of a different configuration (seed was 42, now 7)",
+    );
+}
+
+#[test]
+fn eval_bad_inputs_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let out = dir.path().join("x");
+    let out = out.to_str().unwrap();
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["eval", "needle", "--model", &model],
+            "unknown task `needle`",
+        ),
+        (
+            &["eval", "niah:haystack=essay", "--model", &model],
+            "choose one of noise, text, needles",
+        ),
+        (
+            &[
+                "eval",
+                "passkey",
+                "--model",
+                &model,
+                "--rope",
+                "yarn:factor",
+            ],
+            "cannot parse `yarn:factor`",
+        ),
+        (
+            &[
+                "eval",
+                "passkey",
+                "--model",
+                &model,
+                "--rope",
+                "yarn:factor=4",
+                "--out",
+                out,
+            ],
+            "unknown position scheme `yarn`",
+        ),
+        (
+            &[
+                "eval",
+                "passkey",
+                "--model",
+                &model,
+                "--kv",
+                "snapkv:budget=64",
+                "--out",
+                out,
+            ],
+            "unknown KV policy `snapkv`",
+        ),
+        (
+            &[
+                "eval",
+                "passkey",
+                "--model",
+                &model,
+                "--lengths",
+                "100000000k",
+                "--out",
+                out,
+            ],
+            "MiB of KV cache",
+        ),
+        (
+            &["eval", "passkey", "--model", &model, "--depths", "150"],
+            "depth 150 is outside 0–100",
+        ),
+        (&["eval", "report"], "needs one or more result folders"),
+    ];
+    for (args, needle) in cases {
+        assert_clean_failure(&longctx(args), needle);
+    }
+    let not_results = longctx(&["eval", "report", dir.path().to_str().unwrap()]);
+    assert_clean_failure(&not_results, "is not a result folder");
+}
+
+#[test]
+fn eval_lists_its_tasks() {
+    let out = longctx(&["eval", "list"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for task in ["passkey", "niah", "ppl", "mecw", "niah_single_1"] {
+        assert!(text.contains(task), "{text}");
+    }
+}
