@@ -16,6 +16,7 @@ import sys
 import time
 
 import llama_cpp
+import numpy as np
 
 
 def first_number_is(output, key):
@@ -56,6 +57,7 @@ def main():
         verbose=False,
     )
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    n_vocab = llm.n_vocab()
     with open(out_path, "a") as out:
         for p in prompts:
             key = case_key(p)
@@ -66,7 +68,8 @@ def main():
             llm.eval(p["tokens"])
             generated = []
             for _ in range(p["max_new_tokens"]):
-                logits = llm.scores[llm.n_tokens - 1]
+                # Without logits_all llama-cpp-python keeps no scores; read the context's own.
+                logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
                 token = int(logits.argmax())
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     break

@@ -206,7 +206,8 @@ fn labels(runs: &[RunResults]) -> Vec<String> {
         .iter()
         .filter(|(_, get)| runs.iter().any(|r| get(&r.config) != get(&runs[0].config)))
         .collect();
-    runs.iter()
+    let labels: Vec<String> = runs
+        .iter()
         .map(|run| {
             if runs.len() == 1 {
                 return short_task(&run.config.task);
@@ -226,6 +227,23 @@ fn labels(runs: &[RunResults]) -> Vec<String> {
                 })
                 .collect::<Vec<_>>()
                 .join(" ")
+        })
+        .collect();
+    // Two runs of one task with different parameters (niah_single_1 and niah_single_2) share a
+    // short label; their folder names tell them apart.
+    labels
+        .iter()
+        .zip(runs)
+        .map(|(label, run)| {
+            if labels.iter().filter(|l| *l == label).count() > 1 {
+                let folder = run.dir.file_name().map_or_else(
+                    || run.dir.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                );
+                format!("{label} ({folder})")
+            } else {
+                label.clone()
+            }
         })
         .collect()
 }
@@ -577,6 +595,40 @@ mod tests {
         assert!((m.fit_crossing.unwrap() - 4096.0).abs() < 1e-6, "{m:?}");
         let flat = mecw(&points(&[(1024, 100.0), (2048, 100.0)]), 85.6).unwrap();
         assert_eq!(flat.fit_crossing, None);
+    }
+
+    fn run(dir: &str, task: &str, rope: &str) -> RunResults {
+        let mut config = crate::runner::tests::config();
+        config.task = task.into();
+        config.rope = rope.into();
+        RunResults {
+            dir: PathBuf::from(dir),
+            config,
+            records: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn labels_name_what_differs_between_runs() {
+        let by_rope = [
+            run("a", "passkey", "none"),
+            run("b", "passkey", "yarn:factor=2"),
+        ];
+        assert_eq!(labels(&by_rope), ["none", "yarn:factor=2"]);
+        let by_task = [
+            run("out/passkey", "passkey", "none"),
+            run("out/niah_single_1", "niah:haystack=noise", "none"),
+            run("out/niah_single_2", "niah:haystack=text", "none"),
+        ];
+        assert_eq!(
+            labels(&by_task),
+            ["passkey", "niah (niah_single_1)", "niah (niah_single_2)"]
+        );
+        let same = [
+            run("x/first", "passkey", "none"),
+            run("x/second", "passkey", "none"),
+        ];
+        assert_eq!(labels(&same), ["first", "second"]);
     }
 
     #[test]

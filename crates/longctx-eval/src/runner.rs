@@ -295,10 +295,10 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    pub(super) fn config() -> RunConfig {
+    pub(crate) fn config() -> RunConfig {
         RunConfig {
             task: "passkey".into(),
             model: ModelInfo {
