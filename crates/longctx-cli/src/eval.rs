@@ -204,7 +204,7 @@ fn evaluate(args: Args) -> Result<()> {
         text,
         seed: args.seed,
     };
-    let cases = runner::plan(task.as_ref(), &lengths, &args.depths, args.samples);
+    let cases = runner::plan(task.as_ref(), &lengths, &args.depths, args.samples)?;
     if args.save_prompts {
         save_prompts(&out, task.as_ref(), &ctx, &cases)?;
     }

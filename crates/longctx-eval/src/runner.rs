@@ -197,9 +197,10 @@ pub fn load_records(path: &Path) -> Result<Vec<Record>> {
 }
 
 /// Cases of a sweep, shortest first so that early results come early.
-pub fn plan(task: &dyn Task, lengths: &[usize], depths: &[f64], samples: u32) -> Vec<Case> {
+pub fn plan(task: &dyn Task, lengths: &[usize], depths: &[f64], samples: u32) -> Result<Vec<Case>> {
     let mut cases = Vec::new();
     for &length in lengths {
+        let samples = task.samples_at(length, samples)?;
         let depths: Vec<Option<f64>> = if task.uses_depth() {
             depths.iter().map(|&d| Some(d)).collect()
         } else {
@@ -215,7 +216,7 @@ pub fn plan(task: &dyn Task, lengths: &[usize], depths: &[f64], samples: u32) ->
             }
         }
     }
-    cases
+    Ok(cases)
 }
 
 /// What the runner tells its caller as it goes.
@@ -440,7 +441,7 @@ mod resume_tests {
             calls: AtomicUsize::new(0),
             die_at: 4,
         };
-        let cases = plan(&dying, &[384, 512], &[0.0, 100.0], 2);
+        let cases = plan(&dying, &[384, 512], &[0.0, 100.0], 2).unwrap();
         assert_eq!(cases.len(), 8);
         let config = super::tests::config();
 

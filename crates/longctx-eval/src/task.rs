@@ -162,6 +162,11 @@ pub trait Task: Send + Sync {
     fn needs_text(&self) -> bool {
         false
     }
+    /// How many samples a length gets when the user asks for `requested`; a task whose samples
+    /// are pieces of a fixed amount of text (perplexity) decides for itself.
+    fn samples_at(&self, _length: usize, requested: u32) -> Result<u32> {
+        Ok(requested)
+    }
     /// Runs one case.
     fn run(&self, case: &Case, ctx: &TaskContext, engine: &mut Engine) -> Result<Outcome>;
     /// The task's prompt synthesis, where it has one (to replay prompts in another engine).

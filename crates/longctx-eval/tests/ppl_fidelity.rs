@@ -64,7 +64,7 @@ fn perplexity_windows_match_llama_cpp() {
     let mut engine = Engine {
         session: &mut session,
     };
-    let task = task_from_spec(&"ppl:mode=llama".parse().unwrap()).unwrap();
+    let task = task_from_spec(&"ppl:mode=llama,span=1536".parse().unwrap()).unwrap();
     for (sample, expected) in fixture.windows.iter().enumerate() {
         let case = Case {
             length: fixture.n_ctx,

@@ -64,6 +64,10 @@ impl Task for MaxEffectiveWindow {
         self.inner.needs_text()
     }
 
+    fn samples_at(&self, length: usize, requested: u32) -> Result<u32> {
+        self.inner.samples_at(length, requested)
+    }
+
     fn run(&self, case: &Case, ctx: &TaskContext, engine: &mut Engine) -> Result<Outcome> {
         self.inner.run(case, ctx, engine)
     }

@@ -1,15 +1,20 @@
 //! Perplexity against context length over a long natural text.
 //!
+//! Every length reads the same `span` tokens at the start of the text (default 16384), so the
+//! lengths differ only in how much context each prediction gets, not in which text is scored.
 //! Two windowings, recorded with every result because they give different numbers:
-//! - `mode=llama` (default) is llama.cpp's `llama-perplexity`: non-overlapping windows of the
-//!   case's length, the first token of each replaced by BOS (for models that add one), a fresh
-//!   cache per window, and only
-//!   the second half of each window scored, so perplexity at length L measures positions L/2…L.
-//!   Sample i is window i.
+//! - `mode=llama` (default) is llama.cpp's `llama-perplexity` over those tokens: non-overlapping
+//!   windows of the case's length, the first token of each replaced by BOS (for models that add
+//!   one), a fresh cache per window, and only the second half of each window scored, so
+//!   perplexity at length L measures positions L/2…L. Sample i is window i; a length gets
+//!   span / L of them.
 //! - `mode=sliding` is llama.cpp's `--ppl-stride`: windows of length L every `stride` tokens,
 //!   each scoring its last `stride` tokens, so every scored token sees at least L − stride tokens
-//!   of context (the sliding evaluation of Press et al. and of YaRN's `eval/perplexity.py`).
-//!   Sample i scores the L tokens after the first i·L.
+//!   of context (the sliding evaluation of Press et al. and of YaRN's `eval/perplexity.py`). The
+//!   scored tokens are the second half of the span at every length, so the numbers compare
+//!   exactly; sample i scores the i-th L tokens of that half.
+//!
+//! `--samples` does not apply: the span decides how many windows a length has.
 
 use longctx::spec::{Params, SpecPart};
 
@@ -18,7 +23,7 @@ use crate::{EvalError, Result};
 
 pub const ENTRY: TaskEntry = TaskEntry {
     name: "ppl",
-    about: "perplexity against length on the natural text: mode=llama (llama.cpp windows, second half scored) or mode=sliding with stride=N",
+    about: "perplexity against length on the first span=16384 tokens of the natural text: mode=llama (llama.cpp windows, second half scored) or mode=sliding with stride=512",
     build,
 };
 
@@ -30,13 +35,16 @@ pub enum Mode {
 
 pub struct Perplexity {
     pub mode: Mode,
+    /// Tokens of text read at every length.
+    pub span: usize,
 }
 
 fn build(part: &SpecPart) -> Result<Box<dyn Task>> {
     let mut params = Params::new(part);
     let mode = params.choice("mode", &["llama", "sliding"])?;
     let stride: usize = params.get("stride", 512)?;
-    params.finish(&["mode", "stride"])?;
+    let span: usize = params.get("span", 16384)?;
+    params.finish(&["mode", "stride", "span"])?;
     if stride == 0 {
         return Err(EvalError::Invalid(
             "ppl: stride must be at least 1 token".into(),
@@ -47,6 +55,7 @@ fn build(part: &SpecPart) -> Result<Box<dyn Task>> {
             "sliding" => Mode::Sliding { stride },
             _ => Mode::Llama,
         },
+        span,
     }))
 }
 
@@ -65,6 +74,12 @@ impl Perplexity {
             )));
         }
         let sample = case.sample as usize;
+        if sample >= self.samples_at(length, 1)? as usize {
+            return Err(EvalError::Invalid(format!(
+                "ppl: window {sample} is past the span of {} tokens",
+                self.span
+            )));
+        }
         Ok(match self.mode {
             Mode::Llama => vec![Window {
                 start: sample * length,
@@ -76,10 +91,11 @@ impl Perplexity {
                         "ppl: stride {stride} must be shorter than the length {length}"
                     )));
                 }
-                // Sample i scores the targets [base + L, base + 2L): window w starts w strides
-                // in and scores the stride's worth of targets at its end; the last window, when
-                // the stride does not divide L, scores only what is left.
-                let base = sample * length;
+                // Sample i scores the targets [half + iL, half + (i+1)L), half = span / 2:
+                // window w starts w strides past base and scores the stride's worth of targets
+                // at its end; the last window, when the stride does not divide L, scores only
+                // what is left.
+                let base = self.span / 2 + sample * length - length;
                 (1..=length.div_ceil(stride))
                     .map(|w| {
                         let shift = (w * stride).min(length);
@@ -97,8 +113,25 @@ impl Perplexity {
 impl Task for Perplexity {
     fn spec(&self) -> String {
         match self.mode {
-            Mode::Llama => "ppl:mode=llama".into(),
-            Mode::Sliding { stride } => format!("ppl:mode=sliding,stride={stride}"),
+            Mode::Llama => format!("ppl:mode=llama,span={}", self.span),
+            Mode::Sliding { stride } => {
+                format!("ppl:mode=sliding,stride={stride},span={}", self.span)
+            }
+        }
+    }
+
+    fn samples_at(&self, length: usize, _requested: u32) -> Result<u32> {
+        let (room, need) = match self.mode {
+            Mode::Llama => (self.span, "at least"),
+            Mode::Sliding { .. } => (self.span / 2, "at least twice"),
+        };
+        match room / length.max(1) {
+            0 => Err(EvalError::Invalid(format!(
+                "ppl: length {length} needs a span of {need} the length, but span={}; raise it, e.g. ppl:span={}",
+                self.span,
+                length * if room == self.span { 1 } else { 2 }
+            ))),
+            n => Ok(n as u32),
         }
     }
 
@@ -226,9 +259,17 @@ mod tests {
 
     #[test]
     fn llama_windows_do_not_overlap_and_score_the_second_half() {
-        let ppl = Perplexity { mode: Mode::Llama };
+        let ppl = Perplexity {
+            mode: Mode::Llama,
+            span: 8192,
+        };
         let w = ppl.windows(&case(1024, 2)).unwrap();
         assert_eq!((w[0].start, w[0].first_scored), (2048, 512));
+        assert_eq!(ppl.samples_at(1024, 1).unwrap(), 8);
+        assert_eq!(ppl.samples_at(8192, 5).unwrap(), 1);
+        let err = ppl.samples_at(16384, 1).unwrap_err().to_string();
+        assert!(err.contains("ppl:span=16384"), "{err}");
+        assert!(ppl.windows(&case(1024, 8)).is_err(), "past the span");
     }
 
     #[test]
@@ -236,8 +277,10 @@ mod tests {
         let stride = 256;
         let ppl = Perplexity {
             mode: Mode::Sliding { stride },
+            span: 4096,
         };
         let length = 1024;
+        assert_eq!(ppl.samples_at(length, 1).unwrap(), 2);
         let windows = ppl.windows(&case(length, 1)).unwrap();
         assert_eq!(windows.len(), 4);
         // Absolute positions of scored targets (position j predicts j + 1).
@@ -255,13 +298,14 @@ mod tests {
                 "each target has L - stride context"
             );
         }
-        let expected: Vec<usize> = (2 * length..3 * length).collect();
+        let expected: Vec<usize> = (2048 + length..2048 + 2 * length).collect();
         assert_eq!(
             scored, expected,
-            "sample 1 scores the second L tokens exactly"
+            "sample 1: the second L tokens of the span's second half"
         );
         let uneven = Perplexity {
             mode: Mode::Sliding { stride: 300 },
+            span: 4096,
         };
         let mut scored: Vec<usize> = uneven
             .windows(&case(length, 0))
@@ -270,7 +314,7 @@ mod tests {
             .flat_map(|w| (w.first_scored..length - 1).map(move |j| w.start + j + 1))
             .collect();
         scored.sort_unstable();
-        assert_eq!(scored, (length..2 * length).collect::<Vec<_>>());
+        assert_eq!(scored, (2048..2048 + length).collect::<Vec<_>>());
         assert!(
             ppl.windows(&case(256, 0)).is_err(),
             "stride must be below the length"
