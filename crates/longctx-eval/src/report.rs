@@ -319,10 +319,7 @@ pub fn write_report(out: &Path, runs: &[RunResults]) -> Result<Vec<PathBuf>> {
                     m.threshold,
                     m.length
                         .map_or_else(|| "below the shortest length".to_string(), length_label),
-                    m.fit_crossing.map_or_else(
-                        || "does not fall".to_string(),
-                        |x| format!("{:.0} tokens", x)
-                    )
+                    fit_label(m.fit_crossing, &s.by_length)
                 ));
             }
         }
@@ -342,7 +339,7 @@ pub fn write_report(out: &Path, runs: &[RunResults]) -> Result<Vec<PathBuf>> {
             .as_ref()
             .map_or(RULER_THRESHOLD, |m| m.threshold);
         let path = out.join("scores.png");
-        let threshold_label = format!("threshold {threshold}");
+        let threshold_label = "MECW threshold".to_string();
         plots::curves(
             &path,
             "Score against context length",
@@ -401,6 +398,20 @@ pub fn write_report(out: &Path, runs: &[RunResults]) -> Result<Vec<PathBuf>> {
     write_atomic(&md_path, &md)?;
     written.push(md_path);
     Ok(written)
+}
+
+/// A crossing outside the measured lengths is a guess from the trend, and says so.
+fn fit_label(crossing: Option<f64>, by_length: &[LengthValue]) -> String {
+    let Some(x) = crossing else {
+        return "does not fall".to_string();
+    };
+    let shortest = by_length.first().map_or(0.0, |p| p.length as f64);
+    let longest = by_length.last().map_or(0.0, |p| p.length as f64);
+    if x < shortest || x > longest {
+        format!("{x:.0} tokens (extrapolated)")
+    } else {
+        format!("{x:.0} tokens")
+    }
 }
 
 fn fit_series(m: &Mecw, by_length: &[LengthValue]) -> Series {
@@ -595,6 +606,18 @@ mod tests {
         assert!((m.fit_crossing.unwrap() - 4096.0).abs() < 1e-6, "{m:?}");
         let flat = mecw(&points(&[(1024, 100.0), (2048, 100.0)]), 85.6).unwrap();
         assert_eq!(flat.fit_crossing, None);
+    }
+
+    #[test]
+    fn a_crossing_beyond_the_measured_lengths_is_labelled_a_guess() {
+        let by_length = points(&[(1024, 100.0), (2048, 100.0), (4096, 100.0), (8192, 80.0)]);
+        let m = mecw(&by_length, 85.6).unwrap();
+        assert_eq!(
+            fit_label(m.fit_crossing, &by_length),
+            "16384 tokens (extrapolated)"
+        );
+        assert_eq!(fit_label(Some(3000.0), &by_length), "3000 tokens");
+        assert_eq!(fit_label(None, &by_length), "does not fall");
     }
 
     fn run(dir: &str, task: &str, rope: &str) -> RunResults {
