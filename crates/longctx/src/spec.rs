@@ -68,6 +68,18 @@ impl FromStr for Spec {
                 )));
             }
             let mut params: Vec<(String, String)> = Vec::new();
+            // `auto:16384`: a lone number without a key is the method's positional argument
+            // (only a number, so that a forgotten `=value` still reads as the mistake it is).
+            if let Some(value) = rest
+                .map(str::trim)
+                .filter(|r| r.starts_with(|c: char| c.is_ascii_digit()) && !r.contains(['=', ',']))
+            {
+                parts.push(SpecPart {
+                    name: name.to_string(),
+                    params: vec![(String::new(), value.to_string())],
+                });
+                continue;
+            }
             for pair in rest.into_iter().flat_map(|r| r.split(',')) {
                 let Some((key, value)) = pair.split_once('=') else {
                     return Err(invalid(format!("`{pair}` in `{name}` is not key=value")));
@@ -97,7 +109,11 @@ impl fmt::Display for SpecPart {
         f.write_str(&self.name)?;
         for (i, (key, value)) in self.params.iter().enumerate() {
             f.write_str(if i == 0 { ":" } else { "," })?;
-            write!(f, "{key}={value}")?;
+            if key.is_empty() {
+                f.write_str(value)?;
+            } else {
+                write!(f, "{key}={value}")?;
+            }
         }
         Ok(())
     }
@@ -139,16 +155,44 @@ impl<'a> Params<'a> {
 
     /// `key` parsed as `T`, or `default` when it is not given.
     pub fn get<T: FromStr>(&mut self, key: &str, default: T) -> Result<T> {
-        match self.raw(key) {
-            None => Ok(default),
-            Some(value) => value.parse().map_err(|_| {
-                Error::InvalidOption(format!(
-                    "`{key}={value}` for `{}`: the value must be a {}",
-                    self.part.name,
-                    type_word::<T>()
-                ))
-            }),
+        Ok(self.optional(key)?.unwrap_or(default))
+    }
+
+    /// `key` parsed as `T`; an error naming the parameter when it is missing.
+    pub fn required<T: FromStr>(&mut self, key: &str) -> Result<T> {
+        if let Some(value) = self.optional(key)? {
+            return Ok(value);
         }
+        // A misspelt key is the likeliest reason; name what was given instead.
+        let given: Vec<String> = self
+            .part
+            .params
+            .iter()
+            .map(|(k, _)| format!("`{k}`"))
+            .collect();
+        let given = if given.is_empty() {
+            String::new()
+        } else {
+            format!(" (given: {})", given.join(", "))
+        };
+        Err(Error::InvalidOption(format!(
+            "`{}` needs `{key}=…`{given}",
+            self.part.name
+        )))
+    }
+
+    /// `key` parsed as `T`, or None when it is not given.
+    pub fn optional<T: FromStr>(&mut self, key: &str) -> Result<Option<T>> {
+        let Some(value) = self.raw(key) else {
+            return Ok(None);
+        };
+        value.parse().map(Some).map_err(|_| {
+            Error::InvalidOption(format!(
+                "`{key}={value}` for `{}`: the value must be a {}",
+                self.part.name,
+                type_word::<T>()
+            ))
+        })
     }
 
     /// `key` as one of `choices`, or the first choice when it is not given.
@@ -230,6 +274,9 @@ mod tests {
         );
         assert_eq!(spec.to_string(), "yarn:factor=4,beta_fast=32+logn");
         assert!("none".parse::<Spec>().unwrap().is("none"));
+        let auto: Spec = "auto:16384".parse().unwrap();
+        assert_eq!(auto.parts[0].params, [(String::new(), "16384".to_string())]);
+        assert_eq!(auto.to_string(), "auto:16384");
         assert!(!spec.is("yarn"));
     }
 
