@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::gguf::Gguf;
 use crate::kv::{AttentionObserver, KvCache};
-use crate::model::{forward, Chunk, Config, Scratch, Weights};
+use crate::model::{forward, Chunk, Config, FarScratch, Scratch, Weights};
 use crate::positions::{ModelRope, PositionScheme};
 use crate::spec::Spec;
 use crate::threads::ThreadPool;
@@ -127,6 +127,9 @@ pub struct Session {
     /// Reused per chunk so that decoding allocates nothing.
     positions: Vec<i32>,
     frequencies: Vec<f64>,
+    /// Frequencies the cached keys were rotated with, for schemes whose frequencies vary with
+    /// the length (empty otherwise).
+    cached_frequencies: Vec<f64>,
     observer: Option<Arc<dyn AttentionObserver + Send>>,
 }
 
@@ -148,15 +151,29 @@ impl Session {
         } else {
             options.n_ctx
         };
-        let scheme = crate::positions::scheme_for(&options.rope, &model)?;
+        let rope = crate::positions::resolve(&options.rope, &model)?;
+        let scheme = crate::positions::scheme_for(&rope, &model, n_ctx)?;
         crate::kv::check_policy(&options.kv)?;
+        let far = scheme.far();
+        let grouped_keys = far.filter(|f| f.moves_keys());
         check_memory(
-            KvCache::bytes_for(options.kv_dtype, c.n_layer, c.n_kv_head, c.head_dim, n_ctx),
+            KvCache::bytes_for(
+                options.kv_dtype,
+                c.n_layer,
+                c.n_kv_head,
+                c.head_dim,
+                n_ctx,
+                grouped_keys.is_some(),
+            ),
             n_ctx,
         )?;
-        let cache = KvCache::new(options.kv_dtype, c.n_layer, c.n_kv_head, c.head_dim, n_ctx);
+        let mut cache = KvCache::new(options.kv_dtype, c.n_layer, c.n_kv_head, c.head_dim, n_ctx);
+        if let Some(f) = grouped_keys {
+            cache.keep_grouped_keys(f.group);
+        }
         let chunk = options.chunk_size.min(n_ctx);
-        let scratch = Scratch::new(c, chunk, n_ctx, options.threads);
+        let mut scratch = Scratch::new(c, chunk, n_ctx, options.threads);
+        scratch.far = far.map(|map| FarScratch::new(map, c, chunk));
         Ok(Self {
             pool: ThreadPool::new(options.threads),
             logits: vec![0.0; c.vocab],
@@ -164,6 +181,7 @@ impl Session {
             options: SessionOptions {
                 n_ctx,
                 chunk_size: chunk,
+                rope,
                 ..options
             },
             cache,
@@ -172,6 +190,7 @@ impl Session {
             next_position: 0,
             positions: Vec::with_capacity(chunk),
             frequencies: Vec::new(),
+            cached_frequencies: Vec::new(),
             observer: None,
         })
     }
@@ -234,7 +253,24 @@ impl Session {
     /// Empties the cache.
     pub fn reset(&mut self) {
         self.cache.clear();
+        self.cached_frequencies.clear();
         self.next_position = 0;
+    }
+
+    /// Brings the cached keys to the frequencies of a sequence of `seq_len` tokens, when the
+    /// scheme's frequencies have changed since they were rotated.
+    fn rerotate_cache(&mut self, seq_len: usize) {
+        self.scheme.frequencies(seq_len, &mut self.frequencies);
+        if !self.cache.is_empty() && self.cached_frequencies != self.frequencies {
+            let slots = self.cache.len();
+            self.cache.change_frequencies(
+                slots,
+                &self.cached_frequencies,
+                &self.frequencies,
+                self.model.config.rope_style,
+            );
+        }
+        self.cached_frequencies.clone_from(&self.frequencies);
     }
 
     fn feed(&mut self, tokens: &[u32], mut all_logits: Option<&mut [f32]>) -> Result<()> {
@@ -258,13 +294,27 @@ impl Session {
             self.positions.clear();
             self.positions
                 .extend((0..chunk.len() as i32).map(|i| self.next_position + i));
+            // The sequence length a dynamic scheme sees: the highest position so far, plus one.
+            let seq_len = (self.next_position as usize) + chunk.len();
+            if self.scheme.varies_with_length() {
+                self.rerotate_cache(seq_len);
+            }
             let slots = self.cache.push_slots(&self.positions)?;
             self.scheme.fill_table(
                 &self.positions,
-                self.cache.len(),
+                seq_len,
                 &mut self.frequencies,
                 &mut self.scratch.rotary,
             );
+            if let Some(far) = &mut self.scratch.far {
+                far.fill(
+                    self.scheme.as_ref(),
+                    &self.positions,
+                    seq_len,
+                    &mut self.frequencies,
+                    &self.scratch.rotary,
+                );
+            }
             let last = done + chunk.len() == tokens.len();
             let (rows, out): (std::ops::Range<usize>, &mut [f32]) = match all_logits.as_deref_mut()
             {

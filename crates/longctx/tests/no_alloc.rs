@@ -27,30 +27,36 @@ unsafe impl GlobalAlloc for CountingAllocator {
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
 
+/// Also with the far attentions of Self-Extend (grouped keys) and STRING: 200 tokens reach past
+/// both windows.
 #[test]
 fn decoding_allocates_nothing() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/models/llama-q4_1.gguf");
     let model = Model::load(&path).unwrap();
-    let options = SessionOptions {
-        n_ctx: 256,
-        kv_dtype: KvDtype::F16,
-        chunk_size: 512,
-        threads: 2,
-        ..SessionOptions::default()
-    };
-    let mut s = Session::new(model.clone(), options).unwrap();
-    let ids: Vec<u32> = (0..200).map(|i| (i * 37 % 300 + 5) as u32).collect();
-    s.prefill(&ids[..10]).unwrap();
-    s.decode(ids[10]).unwrap();
-    ARMED.store(true, Ordering::SeqCst);
-    for &id in &ids[11..] {
-        s.decode(id).unwrap();
+    for rope in ["none", "self_extend:group=2,window=64", "string"] {
+        let options = SessionOptions {
+            n_ctx: 256,
+            kv_dtype: KvDtype::F16,
+            chunk_size: 512,
+            threads: 2,
+            rope: rope.parse().unwrap(),
+            ..SessionOptions::default()
+        };
+        let mut s = Session::new(model.clone(), options).unwrap();
+        let ids: Vec<u32> = (0..200).map(|i| (i * 37 % 300 + 5) as u32).collect();
+        s.prefill(&ids[..10]).unwrap();
+        s.decode(ids[10]).unwrap();
+        ALLOCATIONS.store(0, Ordering::SeqCst);
+        ARMED.store(true, Ordering::SeqCst);
+        for &id in &ids[11..] {
+            s.decode(id).unwrap();
+        }
+        ARMED.store(false, Ordering::SeqCst);
+        assert_eq!(
+            ALLOCATIONS.load(Ordering::SeqCst),
+            0,
+            "{rope}: allocations while decoding 189 tokens"
+        );
     }
-    ARMED.store(false, Ordering::SeqCst);
-    assert_eq!(
-        ALLOCATIONS.load(Ordering::SeqCst),
-        0,
-        "allocations while decoding 189 tokens"
-    );
 }

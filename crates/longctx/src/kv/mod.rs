@@ -4,7 +4,9 @@
 //!
 //! Keys are stored after rotation (as llama.cpp does), together with the position each slot was
 //! rotated at; moving a token to another position is then an exact delta rotation by
-//! (new − old), never a second application of any attention factor.
+//! (new − old), never a second application of any attention factor. Self-Extend also attends to
+//! every key at a grouped position ⌊p/G⌋; the cache then holds those grouped keys too, in a second
+//! key tensor of the same layout, kept in step with the first by every operation here.
 
 mod observer;
 
@@ -98,6 +100,13 @@ pub struct KvCache {
     pub v: KvData,
     /// Position each slot's key was rotated at.
     positions: Vec<i32>,
+    grouped: Option<GroupedKeys>,
+}
+
+/// Every key rotated a second time, at ⌊position / group⌋ (Self-Extend's grouped keys).
+struct GroupedKeys {
+    group: i32,
+    k: KvData,
 }
 
 impl KvCache {
@@ -119,7 +128,24 @@ impl KvCache {
             k: KvData::zeros(dtype, n),
             v: KvData::zeros(dtype, n),
             positions: Vec::with_capacity(capacity),
+            grouped: None,
         }
+    }
+
+    /// Makes room for grouped keys: each slot's key rotated at ⌊position / group⌋ as well, which
+    /// the forward pass stores with [`KvCache::write_grouped_key`]. Costs one more key tensor.
+    pub fn keep_grouped_keys(&mut self, group: i32) {
+        assert!(group >= 1, "a group of at least 1 position");
+        let n = self.n_layer * self.n_kv_head * self.capacity * self.head_dim;
+        self.grouped = Some(GroupedKeys {
+            group,
+            k: KvData::zeros(self.dtype, n),
+        });
+    }
+
+    /// The grouped keys, laid out as [`KvCache::k`]; None unless the cache keeps them.
+    pub fn grouped_keys(&self) -> Option<&KvData> {
+        self.grouped.as_ref().map(|g| &g.k)
     }
 
     /// Slots in use.
@@ -139,20 +165,23 @@ impl KvCache {
         &self.positions
     }
 
-    /// Bytes held by the slots in use (keys and values, all layers).
-    /// What [`KvCache::new`] with these arguments will reserve.
+    /// What [`KvCache::new`] with these arguments will reserve, with grouped keys or without.
     pub fn bytes_for(
         dtype: KvDtype,
         n_layer: usize,
         n_kv_head: usize,
         head_dim: usize,
         capacity: usize,
+        grouped_keys: bool,
     ) -> usize {
-        2 * n_layer * n_kv_head * capacity * head_dim * dtype.bytes()
+        let tensors = if grouped_keys { 3 } else { 2 };
+        tensors * n_layer * n_kv_head * capacity * head_dim * dtype.bytes()
     }
 
+    /// Bytes held by the slots in use (keys, grouped keys if kept, and values; all layers).
     pub fn bytes_in_use(&self) -> usize {
-        2 * self.n_layer * self.n_kv_head * self.len * self.head_dim * self.dtype.bytes()
+        let tensors = if self.grouped.is_some() { 3 } else { 2 };
+        tensors * self.n_layer * self.n_kv_head * self.len * self.head_dim * self.dtype.bytes()
     }
 
     /// Bytes reserved for the whole capacity.
@@ -163,6 +192,7 @@ impl KvCache {
             self.n_kv_head,
             self.head_dim,
             self.capacity,
+            self.grouped.is_some(),
         )
     }
 
@@ -194,6 +224,16 @@ impl KvCache {
         self.v.write(at, value);
     }
 
+    /// Stores one head's grouped key for one slot (see [`KvCache::keep_grouped_keys`]).
+    pub fn write_grouped_key(&mut self, layer: usize, head: usize, slot: usize, key: &[f32]) {
+        let at = self.offset(layer, head, slot);
+        self.grouped
+            .as_mut()
+            .expect("the cache keeps grouped keys")
+            .k
+            .write(at, key);
+    }
+
     /// Keeps only the slots listed (ascending) in every layer and head, compacting them to the
     /// front: evicted tokens give their memory back to the next tokens.
     pub fn retain(&mut self, keep: &[usize]) {
@@ -206,6 +246,9 @@ impl KvCache {
                             (self.offset(layer, head, from), self.offset(layer, head, to));
                         self.k.copy_within(src, dst, self.head_dim);
                         self.v.copy_within(src, dst, self.head_dim);
+                        if let Some(g) = &mut self.grouped {
+                            g.k.copy_within(src, dst, self.head_dim);
+                        }
                     }
                 }
             }
@@ -217,44 +260,97 @@ impl KvCache {
     /// Moves the tokens in the cache to `new_positions` (one per slot) by rotating every stored
     /// key by the difference between its new and old position. Rotations compose, so this equals
     /// rotating the original key at the new position, and no scheme's cos/sin factor is applied a
-    /// second time: the delta rotation uses factor 1.
+    /// second time: the delta rotation uses factor 1. Grouped keys move by the change of their
+    /// grouped position, ⌊new/G⌋ − ⌊old/G⌋.
     pub fn reposition(&mut self, new_positions: &[i32], freqs: &[f64], style: RopeStyle) {
         assert_eq!(
             new_positions.len(),
             self.len,
             "one new position per cached token"
         );
-        let deltas: Vec<i32> = new_positions
+        let plain: Vec<i32> = new_positions
             .iter()
             .zip(&self.positions)
             .map(|(n, o)| n - o)
             .collect();
+        self.shift_keys(false, &plain, freqs, style);
+        if let Some(group) = self.grouped.as_ref().map(|g| g.group) {
+            let grouped: Vec<i32> = new_positions
+                .iter()
+                .zip(&self.positions)
+                .map(|(n, o)| n.div_euclid(group) - o.div_euclid(group))
+                .collect();
+            self.shift_keys(true, &grouped, freqs, style);
+        }
+        self.positions.copy_from_slice(new_positions);
+    }
+
+    /// Rotates the plain or grouped key of every slot by its `deltas` entry (positions).
+    fn shift_keys(&mut self, grouped: bool, deltas: &[i32], freqs: &[f64], style: RopeStyle) {
         let mut table = RotaryTable::default();
-        table.fill(&deltas, freqs, 1.0);
-        let mut key = vec![0f32; self.head_dim];
+        table.fill(deltas, freqs, 1.0);
+        let moved: Vec<usize> = (0..self.len).filter(|&slot| deltas[slot] != 0).collect();
+        self.rotate_keys(grouped, &moved, &table, style);
+    }
+
+    /// Re-rotates the keys of the first `slots` slots from frequencies `old` to `new` (dynamic
+    /// schemes whose frequencies change as the sequence grows): the angle of pair i moves by
+    /// position · (new_i − old_i), a pure rotation with factor 1, so each key ends as if it had
+    /// been rotated at its position with `new` in the first place. Grouped keys turn by their
+    /// grouped position.
+    pub fn change_frequencies(&mut self, slots: usize, old: &[f64], new: &[f64], style: RopeStyle) {
+        let deltas: Vec<f64> = new.iter().zip(old).map(|(n, o)| n - o).collect();
+        let all: Vec<usize> = (0..slots).collect();
+        let mut table = RotaryTable::default();
+        table.fill(&self.positions[..slots], &deltas, 1.0);
+        self.rotate_keys(false, &all, &table, style);
+        if let Some(group) = self.grouped.as_ref().map(|g| g.group) {
+            let grouped: Vec<i32> = self.positions[..slots]
+                .iter()
+                .map(|p| p.div_euclid(group))
+                .collect();
+            table.fill(&grouped, &deltas, 1.0);
+            self.rotate_keys(true, &all, &table, style);
+        }
+    }
+
+    /// Rotates the plain or grouped key of each slot in `slots` (all layers and heads) by row
+    /// `slot` of `table`.
+    fn rotate_keys(
+        &mut self,
+        grouped: bool,
+        slots: &[usize],
+        table: &RotaryTable,
+        style: RopeStyle,
+    ) {
+        let (d, n_kv_head, capacity) = (self.head_dim, self.n_kv_head, self.capacity);
+        let keys = match &mut self.grouped {
+            Some(g) if grouped => &mut g.k,
+            _ => {
+                assert!(!grouped, "the cache keeps no grouped keys");
+                &mut self.k
+            }
+        };
+        let mut key = vec![0f32; d];
         for layer in 0..self.n_layer {
-            for head in 0..self.n_kv_head {
-                for (slot, &delta) in deltas.iter().enumerate() {
-                    if delta == 0 {
-                        continue;
-                    }
-                    let at = self.offset(layer, head, slot);
-                    match &mut self.k {
-                        KvData::F16(d) => {
-                            for (o, v) in key.iter_mut().zip(&d[at..at + self.head_dim]) {
+            for head in 0..n_kv_head {
+                for &slot in slots {
+                    let at = ((layer * n_kv_head + head) * capacity + slot) * d;
+                    match keys {
+                        KvData::F16(k) => {
+                            for (o, v) in key.iter_mut().zip(&k[at..at + d]) {
                                 *o = v.to_f32();
                             }
                             table.rotate(&mut key, slot, style);
-                            for (o, &v) in d[at..at + self.head_dim].iter_mut().zip(&key) {
+                            for (o, &v) in k[at..at + d].iter_mut().zip(&key) {
                                 *o = f16::from_f32(v);
                             }
                         }
-                        KvData::F32(d) => table.rotate(&mut d[at..at + self.head_dim], slot, style),
+                        KvData::F32(k) => table.rotate(&mut k[at..at + d], slot, style),
                     }
                 }
             }
         }
-        self.positions.copy_from_slice(new_positions);
     }
 
     /// Drops everything.
@@ -313,6 +409,43 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "slot {slot}: {a} vs {b}");
             }
         }
+    }
+
+    #[test]
+    fn grouped_keys_follow_compaction_and_repositioning() {
+        let freqs = [1.0, 0.25, 0.01, 0.001];
+        let raw: Vec<f32> = (0..8).map(|i| (i as f32 * 0.7).cos()).collect();
+        let rotated_at = |p: i32| {
+            let mut t = RotaryTable::default();
+            t.fill(&[p], &freqs, 1.0);
+            let mut k = raw.clone();
+            t.rotate(&mut k, 0, RopeStyle::Normal);
+            k
+        };
+        let mut c = KvCache::new(KvDtype::F32, 1, 1, 8, 4);
+        c.keep_grouped_keys(4);
+        assert_eq!(c.bytes_reserved(), 3 * 4 * 8 * 4);
+        c.push_slots(&[5, 41, 90]).unwrap();
+        for (slot, p) in [(0, 5), (1, 41), (2, 90)] {
+            c.write(0, 0, slot, &rotated_at(p), &raw);
+            c.write_grouped_key(0, 0, slot, &rotated_at(p / 4));
+        }
+        c.retain(&[1, 2]);
+        // Moving 41 → 7 and 90 → 8 moves their grouped keys from 10 → 1 and 22 → 2.
+        c.reposition(&[7, 8], &freqs, RopeStyle::Normal);
+        let (KvData::F32(k), Some(KvData::F32(g))) = (&c.k, c.grouped_keys()) else {
+            unreachable!()
+        };
+        for (slot, p) in [(0, 7), (1, 8)] {
+            let at = c.offset(0, 0, slot);
+            let close = |a: &[f32], b: Vec<f32>| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+            assert!(close(&k[at..at + 8], rotated_at(p)), "key of slot {slot}");
+            assert!(
+                close(&g[at..at + 8], rotated_at(p / 4)),
+                "grouped key of slot {slot}"
+            );
+        }
+        assert_eq!(c.bytes_in_use(), 3 * 2 * 8 * 4);
     }
 
     #[test]

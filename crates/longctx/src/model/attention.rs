@@ -27,6 +27,10 @@
 //!
 //! Everything is reproduced with scalar `mul_add` or AVX2 (two 8-lane halves per 16 lanes), so
 //! the result does not depend on the CPU.
+//!
+//! Self-Extend and STRING add a second, "far" query ([`FarQuery`]): the first slots are scored
+//! with it, against the grouped keys or the plain ones, and the rest with the plain query; each
+//! score has the arithmetic above, and one softmax runs over all of them, as both papers merge.
 
 use std::cell::RefCell;
 
@@ -78,10 +82,20 @@ impl Reduction {
     }
 }
 
+/// The far part of one query's attention (Self-Extend, STRING): the first `slots` visible slots
+/// are scored with `q`, the query rotated at its far position, against `keys`, which are laid
+/// out as the cache's keys (its grouped keys, or its keys themselves).
+pub struct FarQuery<'a> {
+    pub slots: usize,
+    pub q: &'a [f32],
+    pub keys: &'a KvData,
+}
+
 /// Attention of one query head over the first `visible` slots of `kv_head` in `layer`.
 ///
 /// `q` is `[D]` (already rotated), `scores` a scratch of at least `visible` values, `out` `[D]`.
-/// `reduction` is [`Reduction::for_chunk`] of the number of tokens evaluated together.
+/// `reduction` is [`Reduction::for_chunk`] of the number of tokens evaluated together. With
+/// `far`, its slots are scored by its query instead.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     cache: &KvCache,
@@ -93,28 +107,19 @@ pub fn attend(
     scores: &mut [f32],
     out: &mut [f32],
     reduction: Reduction,
+    far: Option<FarQuery>,
 ) {
     let d = cache.head_dim;
     assert!(d <= MAX_HEAD_DIM, "head size {d} above {MAX_HEAD_DIM}");
     let base = cache.offset(layer, kv_head, 0);
     let scores = &mut scores[..visible];
     let (kq_lanes, kqv_lanes) = (reduction.kq_lanes(d), reduction.kqv_lanes(d));
-    match &cache.k {
-        KvData::F16(k) => {
-            let mut qh = [0f32; MAX_HEAD_DIM];
-            let qh = &mut qh[..d];
-            for (o, &x) in qh.iter_mut().zip(q) {
-                *o = f16::from_f32(x).to_f32();
-            }
-            for (j, s) in scores.iter_mut().enumerate() {
-                *s = dot_f16(kq_lanes, qh, &k[base + j * d..base + (j + 1) * d]) * scale;
-            }
-        }
-        KvData::F32(k) => {
-            for (j, s) in scores.iter_mut().enumerate() {
-                *s = dot_f32(kq_lanes, q, &k[base + j * d..base + (j + 1) * d]) * scale;
-            }
-        }
+    let near_from = far.as_ref().map_or(0, |f| f.slots.min(visible));
+    let (far_scores, near_scores) = scores.split_at_mut(near_from);
+    let near_base = base + near_from * d;
+    score(&cache.k, near_base, q, d, kq_lanes, scale, near_scores);
+    if let Some(far) = far {
+        score(far.keys, base, far.q, d, kq_lanes, scale, far_scores);
     }
     softmax(scores);
     let v = &cache.v;
@@ -127,6 +132,35 @@ pub fn attend(
         }
         weighted_sum(v, base, d, scores, kqv_lanes, &mut acc[..rows * d], out);
     });
+}
+
+/// `scores[j] = q·k_j · scale` for the keys in `keys` from offset `base` on, one per score.
+fn score(
+    keys: &KvData,
+    base: usize,
+    q: &[f32],
+    d: usize,
+    lanes: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    match keys {
+        KvData::F16(k) => {
+            let mut qh = [0f32; MAX_HEAD_DIM];
+            let qh = &mut qh[..d];
+            for (o, &x) in qh.iter_mut().zip(q) {
+                *o = f16::from_f32(x).to_f32();
+            }
+            for (j, s) in scores.iter_mut().enumerate() {
+                *s = dot_f16(lanes, qh, &k[base + j * d..base + (j + 1) * d]) * scale;
+            }
+        }
+        KvData::F32(k) => {
+            for (j, s) in scores.iter_mut().enumerate() {
+                *s = dot_f32(lanes, q, &k[base + j * d..base + (j + 1) * d]) * scale;
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -478,6 +512,7 @@ mod tests {
             &mut scores,
             &mut out,
             Reduction::Gemm,
+            None,
         );
         let logits: Vec<f32> = keys
             .iter()
@@ -499,6 +534,7 @@ mod tests {
             &mut scores,
             &mut out,
             Reduction::Gemm,
+            None,
         );
         assert_eq!(out, vals[0]);
     }

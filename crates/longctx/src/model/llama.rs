@@ -6,11 +6,11 @@
 //! H/Hkv query/KV heads, D head size, F feed-forward size, V vocabulary.
 
 use crate::gguf::Gguf;
-use crate::kv::{AttentionObserver, KvCache};
-use crate::model::attention::{attend, Reduction};
+use crate::kv::{AttentionObserver, KvCache, KvData};
+use crate::model::attention::{attend, FarQuery, Reduction, MAX_HEAD_DIM};
 use crate::model::config::{Architecture, Config};
 use crate::model::swiglu::swiglu;
-use crate::positions::RotaryTable;
+use crate::positions::{FarPositions, PositionScheme, RotaryTable};
 use crate::quant::{matmul, ActCache, MatmulJob, Weight};
 use crate::threads::{split_range, ThreadPool};
 use crate::{Error, Result};
@@ -134,6 +134,85 @@ pub struct Scratch {
     /// One attention-score row per thread, as long as the cache.
     scores: Vec<std::sync::Mutex<Vec<f32>>>,
     pub rotary: RotaryTable,
+    /// Set when the position scheme has a far attention (Self-Extend, STRING).
+    pub far: Option<FarScratch>,
+}
+
+/// What the far attention of a chunk needs besides the plain one.
+pub struct FarScratch {
+    map: FarPositions,
+    /// Each token's queries rotated at its far position, `[T, H·D]`.
+    q: Vec<f32>,
+    /// Rotations at the chunk's far query positions.
+    query_rotary: RotaryTable,
+    /// Rotations at the chunk's grouped key positions, when far keys move.
+    key_rotary: RotaryTable,
+    /// Far positions of the chunk's tokens, reused for each table.
+    positions: Vec<i32>,
+}
+
+impl FarScratch {
+    pub fn new(map: FarPositions, c: &Config, max_tokens: usize) -> Self {
+        Self {
+            map,
+            q: vec![0.0; max_tokens * c.n_head * c.head_dim],
+            query_rotary: RotaryTable::default(),
+            key_rotary: RotaryTable::default(),
+            positions: Vec::with_capacity(max_tokens),
+        }
+    }
+
+    /// Fills the far rotations for a chunk at `positions`, whose plain table is `near`. The far
+    /// query keeps the plain one's scale (log-n): Self-Extend scales the query before either
+    /// rotation.
+    pub fn fill(
+        &mut self,
+        scheme: &dyn PositionScheme,
+        positions: &[i32],
+        seq_len: usize,
+        freqs: &mut Vec<f64>,
+        near: &RotaryTable,
+    ) {
+        self.positions.clear();
+        self.positions
+            .extend(positions.iter().map(|&p| self.map.query(p)));
+        scheme.fill_table(&self.positions, seq_len, freqs, &mut self.query_rotary);
+        self.query_rotary.query_scale.clone_from(&near.query_scale);
+        if self.map.moves_keys() {
+            self.positions.clear();
+            self.positions
+                .extend(positions.iter().map(|&p| self.map.key(p)));
+            scheme.fill_table(&self.positions, seq_len, freqs, &mut self.key_rotary);
+        }
+    }
+
+    /// Rotates token `i`'s queries (`[H·D]`, not yet rotated) at its far position.
+    fn rotate_queries(&mut self, q: &[f32], i: usize, c: &Config) {
+        let far_q = &mut self.q[i * q.len()..(i + 1) * q.len()];
+        far_q.copy_from_slice(q);
+        for head in far_q.chunks_exact_mut(c.head_dim) {
+            self.query_rotary.rotate_query(head, i, c.rope_style);
+        }
+    }
+
+    /// Caches token `i`'s keys (`[Hkv·D]`, not yet rotated) rotated at its grouped position.
+    fn cache_grouped_keys(
+        &self,
+        k: &[f32],
+        i: usize,
+        cache: &mut KvCache,
+        layer: usize,
+        slot: usize,
+        c: &Config,
+    ) {
+        let mut key = [0f32; MAX_HEAD_DIM];
+        let key = &mut key[..c.head_dim];
+        for (h, raw) in k.chunks_exact(c.head_dim).enumerate() {
+            key.copy_from_slice(raw);
+            self.key_rotary.rotate(key, i, c.rope_style);
+            cache.write_grouped_key(layer, h, slot, key);
+        }
+    }
 }
 
 impl Scratch {
@@ -154,6 +233,7 @@ impl Scratch {
                 .map(|_| std::sync::Mutex::new(vec![0.0; ctx]))
                 .collect(),
             rotary: RotaryTable::default(),
+            far: None,
         }
     }
 }
@@ -209,8 +289,15 @@ pub fn forward(
         add_bias(&mut s.k[..t * kvd], lw.attn_k_bias.as_deref());
         add_bias(&mut s.v[..t * kvd], lw.attn_v_bias.as_deref());
         for i in 0..t {
+            if let Some(far) = &mut s.far {
+                far.rotate_queries(&s.q[i * qd..(i + 1) * qd], i, c);
+                if far.map.moves_keys() {
+                    let k = &s.k[i * kvd..(i + 1) * kvd];
+                    far.cache_grouped_keys(k, i, cache, l, chunk.slots.start + i, c);
+                }
+            }
             for head in s.q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
-                s.rotary.rotate(head, i, c.rope_style);
+                s.rotary.rotate_query(head, i, c.rope_style);
             }
             for head in s.k[i * kvd..(i + 1) * kvd].chunks_exact_mut(hd) {
                 s.rotary.rotate(head, i, c.rope_style);
@@ -225,6 +312,7 @@ pub fn forward(
             first_slot: chunk.slots.start,
             positions: chunk.positions,
             q: &s.q[..t * qd],
+            far: s.far.as_ref().map(|far| (far.map, &far.q[..t * qd])),
         };
         attention(
             c,
@@ -358,6 +446,8 @@ struct AttentionInput<'a> {
     /// Position of each token of the chunk.
     positions: &'a [i32],
     q: &'a [f32], // [T, H·D]
+    /// The far map and the far queries `[T, H·D]`, for Self-Extend and STRING.
+    far: Option<(FarPositions, &'a [f32])>,
 }
 
 /// Every (query head, token) of the chunk attends over the slots up to its own.
@@ -375,6 +465,15 @@ fn attention(
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let pairs = c.n_head * input.positions.len();
     let reduction = Reduction::for_chunk(input.positions.len());
+    let far_keys: Option<&KvData> = input.far.map(|(map, _)| {
+        if map.moves_keys() {
+            cache
+                .grouped_keys()
+                .expect("the session keeps grouped keys")
+        } else {
+            &cache.k
+        }
+    });
     pool.run(&|index, n| {
         let mut scratch = match scores[index].lock() {
             Ok(g) => g,
@@ -388,6 +487,14 @@ fn attention(
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(at), hd) };
             let q = &input.q[at..at + hd];
             let kv_head = h / group;
+            let far = input
+                .far
+                .zip(far_keys)
+                .map(|((map, far_q), keys)| FarQuery {
+                    slots: map.far_slots(&cache.positions()[..visible], input.positions[i]),
+                    q: &far_q[at..at + hd],
+                    keys,
+                });
             attend(
                 cache,
                 input.layer,
@@ -398,6 +505,7 @@ fn attention(
                 &mut scratch,
                 o,
                 reduction,
+                far,
             );
             if let Some(obs) = observer {
                 let position = input.positions[i];

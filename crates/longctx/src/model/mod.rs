@@ -5,6 +5,6 @@ mod config;
 mod llama;
 mod swiglu;
 
-pub use attention::{attend, Reduction, MAX_HEAD_DIM};
+pub use attention::{attend, FarQuery, Reduction, MAX_HEAD_DIM};
 pub use config::{Architecture, Config};
-pub use llama::{forward, Chunk, LayerWeights, Scratch, Weights};
+pub use llama::{forward, Chunk, FarScratch, LayerWeights, Scratch, Weights};

@@ -25,14 +25,22 @@ pub struct ModelRope {
     pub linear_factor: f64,
 }
 
-impl PositionScheme for ModelRope {
-    fn frequencies(&self, _seq_len: usize, out: &mut Vec<f64>) {
+impl ModelRope {
+    /// The frequencies this RoPE would have with another base (NTK-style schemes), without
+    /// copying the per-pair factors.
+    pub fn frequencies_with_base(&self, base: f64, out: &mut Vec<f64>) {
         out.clear();
         out.extend((0..self.dims / 2).map(|i| {
-            let base_freq = self.base.powf(-2.0 * i as f64 / self.dims as f64);
+            let base_freq = base.powf(-2.0 * i as f64 / self.dims as f64);
             let factor = self.freq_factors.as_ref().map_or(1.0, |f| f[i] as f64);
             base_freq / factor / self.linear_factor
         }));
+    }
+}
+
+impl PositionScheme for ModelRope {
+    fn frequencies(&self, _seq_len: usize, out: &mut Vec<f64>) {
+        self.frequencies_with_base(self.base, out);
     }
 
     /// llama.cpp's arithmetic, so logits match it bit for bit: θ starts at the position as f32

@@ -1,0 +1,181 @@
+//! Self-Extend (Jin et al., "LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning",
+//! arXiv:2401.01325), the paper's exact bi-level attention (datamllab/LongLM
+//! `self_extend_patch/Llama.py`). A query at i sees its `window` (W) nearest keys as trained, key
+//! j at j; every key further away (i − j ≥ W) is seen at the grouped position ⌊j/G⌋ from a query
+//! at ⌊i/G⌋ + W − W/G, the shift that makes grouped distances continue where the window's end.
+//! The grouped scores replace the plain ones before the one softmax. Relative distances stay
+//! below the trained length L up to (L − W)·G + W tokens.
+//!
+//! Grouped keys are a second rotation of every key, which the KV cache keeps beside the first
+//! (one more key tensor: the cache grows by half).
+
+use super::{Base, FarPositions, ModelRope, PositionScheme, RotaryTable};
+use crate::spec::{Params, SpecPart};
+use crate::{Error, Result};
+
+pub struct SelfExtend {
+    rope: ModelRope,
+    group: usize,
+    window: usize,
+    trained_ctx: usize,
+}
+
+pub fn build(part: &SpecPart, base: &Base, n_ctx: usize) -> Result<Box<dyn PositionScheme>> {
+    let mut params = Params::new(part);
+    let group: usize = params.get("group", 4)?;
+    let window: usize = params.get("window", 512)?;
+    params.finish(&["group", "window"])?;
+    let trained = base.trained_ctx;
+    if group == 0 {
+        return Err(Error::InvalidOption(format!(
+            "`{part}`: group must be at least 1 (1 leaves every position as trained)"
+        )));
+    }
+    if window == 0 || !window.is_multiple_of(group) {
+        return Err(Error::InvalidOption(format!(
+            "`{part}`: window={window} must be a positive multiple of group={group}, so that grouped positions continue where the window ends (llama.cpp's --grp-attn-w has the same rule)"
+        )));
+    }
+    if window >= trained {
+        return Err(Error::InvalidOption(format!(
+            "`{part}`: window={window} must be below the trained length of {trained} tokens, which leaves room for the grouped keys"
+        )));
+    }
+    let scheme = SelfExtend {
+        rope: base.rope.clone(),
+        group,
+        window,
+        trained_ctx: trained,
+    };
+    let reach = scheme.reach_tokens();
+    if n_ctx > reach {
+        let needed = (n_ctx - window).div_ceil(trained - window);
+        return Err(Error::InvalidOption(format!(
+            "`{part}` reaches {reach} tokens ((trained {trained} − window {window})·group {group} + window {window}), but the context is {n_ctx}; raise group to at least {needed} or shorten the context"
+        )));
+    }
+    Ok(Box::new(scheme))
+}
+
+impl SelfExtend {
+    /// (L − W)·G + W: the longest context whose grouped distances stay inside the trained length.
+    fn reach_tokens(&self) -> usize {
+        (self.trained_ctx - self.window) * self.group + self.window
+    }
+}
+
+impl PositionScheme for SelfExtend {
+    fn frequencies(&self, seq_len: usize, out: &mut Vec<f64>) {
+        self.rope.frequencies(seq_len, out);
+    }
+
+    fn reach(&self) -> Option<usize> {
+        Some(self.reach_tokens())
+    }
+
+    /// The model's own arithmetic, so that inside the window Self-Extend is the model exactly.
+    fn fill_table(
+        &self,
+        positions: &[i32],
+        seq_len: usize,
+        freqs: &mut Vec<f64>,
+        table: &mut RotaryTable,
+    ) {
+        self.rope.fill_table(positions, seq_len, freqs, table);
+    }
+
+    fn far(&self) -> Option<FarPositions> {
+        let (g, w) = (self.group as i32, self.window as i32);
+        Some(FarPositions {
+            distance: w,
+            group: g,
+            query_offset: w - w / g,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{build, Base};
+    use super::*;
+
+    fn base(trained_ctx: usize) -> Base {
+        Base {
+            rope: ModelRope {
+                base: 10000.0,
+                dims: 8,
+                freq_factors: None,
+                linear_factor: 1.0,
+            },
+            trained_ctx,
+        }
+    }
+
+    fn far(spec: &str, trained: usize, n_ctx: usize) -> FarPositions {
+        build(&spec.parse().unwrap(), &base(trained), n_ctx)
+            .unwrap()
+            .far()
+            .unwrap()
+    }
+
+    /// G = 2, W = 4, query i = 9 over keys j = 0..=9: keys 6..=9 are neighbours at distance
+    /// 9 − j; keys 0..=5 are grouped, at distance ⌊9/2⌋ + 4 − 4/2 − ⌊j/2⌋ = 6 − ⌊j/2⌋.
+    #[test]
+    fn positions_follow_the_paper_for_a_small_case() {
+        let f = far("self_extend:group=2,window=4", 12, 20);
+        let keys: Vec<i32> = (0..=9).collect();
+        assert_eq!(f.far_slots(&keys, 9), 6);
+        assert_eq!(f.query(9), 6);
+        let distances: Vec<i32> = keys
+            .iter()
+            .map(|&j| {
+                if 9 - j >= f.distance {
+                    f.query(9) - f.key(j)
+                } else {
+                    9 - j
+                }
+            })
+            .collect();
+        // Across the window's edge the distance goes on from 3 (neighbour j = 6) to 4 (j = 5).
+        assert_eq!(distances, [6, 6, 5, 5, 4, 4, 3, 2, 1, 0]);
+    }
+
+    #[test]
+    fn the_last_query_of_the_reach_stays_inside_the_trained_length() {
+        // (512 − 128)·4 + 128 = 1664 tokens; the farthest distance is from the last query to key 0.
+        let f = far("self_extend:group=4,window=128", 512, 1664);
+        assert_eq!(f.query(1663) - f.key(0), 511);
+        let s = build(&"self_extend".parse().unwrap(), &base(4096), 14336).unwrap();
+        assert_eq!(s.reach(), Some((4096 - 512) * 4 + 512));
+        assert_eq!(
+            s.far(),
+            Some(FarPositions {
+                distance: 512,
+                group: 4,
+                query_offset: 512 - 128
+            })
+        );
+    }
+
+    #[test]
+    fn bad_parameters_say_what_is_wrong() {
+        for (spec, n_ctx, needle) in [
+            ("self_extend:group=3,window=128", 512, "window=128 must be a positive multiple of group=3"),
+            ("self_extend:group=0", 512, "group must be at least 1"),
+            ("self_extend:group=4,window=512", 512, "window=512 must be below the trained length of 512"),
+            ("self_extend:group=4,window=1024", 512, "must be below the trained length"),
+            (
+                "self_extend:group=4,window=128",
+                2048,
+                "reaches 1664 tokens ((trained 512 − window 128)·group 4 + window 128), but the context is 2048; raise group to at least 5",
+            ),
+            ("self_extend:groups=4", 512, "no parameter `groups`"),
+        ] {
+            let err = match build(&spec.parse().unwrap(), &base(512), n_ctx) {
+                Ok(_) => panic!("{spec} was accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains(needle), "{spec}: {err}");
+        }
+    }
+}
