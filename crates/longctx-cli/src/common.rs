@@ -44,11 +44,25 @@ pub struct EngineArgs {
     pub kv_dtype: KvDtypeArg,
     // Parsed by the library, not by clap, so a bad spec reads like every other longctx error.
     /// Position scheme, as name:key=value,… (`none`: the model's own RoPE).
-    #[arg(long, value_name = "SPEC", default_value = "none")]
+    #[arg(long, value_name = "SPEC", default_value = "none", long_help = rope_help())]
     pub rope: String,
     /// KV-cache policy, as name:key=value,… (`full`: keep every token).
     #[arg(long, value_name = "SPEC", default_value = "full")]
     pub kv: String,
+}
+
+/// `--rope`'s long help, from the library's list so it names exactly what exists.
+fn rope_help() -> String {
+    let mut help = String::from(
+        "Position scheme, as name:key=value,… with `+logn` composable (yarn:factor=4+logn). Parameter names follow HF rope_scaling.\n",
+    );
+    for (name, about) in longctx::positions::SCHEMES {
+        help.push_str(&format!("  {name:<12} {about}\n"));
+    }
+    help.push_str(
+        "auto:LENGTH keeps the model's own RoPE up to its trained length and beyond it picks YaRN with factor = LENGTH / trained length; what ran is recorded resolved.",
+    );
+    help
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]

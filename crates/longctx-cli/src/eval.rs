@@ -60,7 +60,7 @@ pub struct Args {
     engine: EngineArgs,
 }
 
-fn parse_length(text: &str) -> Result<usize, String> {
+pub fn parse_length(text: &str) -> Result<usize, String> {
     let t = text.trim().to_ascii_lowercase();
     let (number, unit) = match t.strip_suffix('k') {
         Some(n) => (n, 1024.0),
@@ -169,7 +169,9 @@ fn evaluate(args: Args) -> Result<()> {
             "note: lengths past the model's trained {trained} tokens run with its own RoPE (--rope none); expect it to break down there"
         );
     }
-    let options = args.engine.session_options(max_length)?;
+    let mut session = Session::new(model.clone(), args.engine.session_options(max_length)?)?;
+    // Recorded as the session resolved it (`auto:…` becomes the scheme that ran).
+    let options = session.options().clone();
     let config = RunConfig {
         task: task.spec(),
         model: ModelInfo {
@@ -192,7 +194,6 @@ fn evaluate(args: Args) -> Result<()> {
         text: text.as_ref().map(|t| t.source.clone()),
         longctx_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let mut session = Session::new(model.clone(), options)?;
     let out = args
         .out
         .clone()
@@ -227,7 +228,7 @@ fn evaluate(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn load_text(name: &str) -> Result<NaturalText> {
+pub fn load_text(name: &str) -> Result<NaturalText> {
     if name == "kjv" {
         if !longctx::fetch::is_cached(&longctx_eval::text::KJV) {
             eprintln!("fetching the natural text (King James Bible, public domain) …");

@@ -5,6 +5,7 @@ mod bench;
 mod common;
 mod eval;
 mod fetch;
+mod rope_search;
 mod run;
 mod tokenize;
 
@@ -36,6 +37,9 @@ enum Command {
     /// Measure the context a model really uses: passkey, needle in a haystack, RULER tasks,
     /// perplexity against length, MECW; resumable, with reports and plots.
     Eval(eval::Args),
+    /// Search per-dimension RoPE factors for a target length (LongRoPE's evolutionary search),
+    /// for use as `--rope longrope:factors=FILE`; resumable.
+    RopeSearch(rope_search::Args),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => tokenize::main(args),
         Command::Bench(args) => bench::main(args),
         Command::Eval(args) => eval::main(args),
+        Command::RopeSearch(args) => rope_search::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

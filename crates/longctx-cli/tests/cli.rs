@@ -445,6 +445,17 @@ fn eval_runs_resumes_and_reports() {
 }
 
 #[test]
+fn eval_records_the_scheme_auto_picked() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("auto");
+    let run = eval_tiny(&out, &["--rope", "auto:1024+logn"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["rope"], "yarn:factor=2+logn");
+}
+
+#[test]
 fn eval_refuses_a_folder_of_another_configuration() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
@@ -462,7 +473,7 @@ fn eval_bad_inputs_are_reported() {
     let model = tiny_model();
     let out = dir.path().join("x");
     let out = out.to_str().unwrap();
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
         (
             &["eval", "needle", "--model", &model],
             "unknown task `needle`",
@@ -489,11 +500,26 @@ fn eval_bad_inputs_are_reported() {
                 "--model",
                 &model,
                 "--rope",
-                "yarn:factor=4",
+                "rerope:factor=4",
                 "--out",
                 out,
             ],
-            "unknown position scheme `yarn`",
+            "unknown position scheme `rerope`",
+        ),
+        (
+            &[
+                "eval",
+                "passkey",
+                "--model",
+                &model,
+                "--rope",
+                "yarn:factor=2",
+                "--lengths",
+                "2k",
+                "--out",
+                out,
+            ],
+            "`yarn:factor=2` reaches 1024 tokens, but the context is 2048; raise its factor to at least 4",
         ),
         (
             &[
@@ -542,4 +568,102 @@ fn eval_lists_its_tasks() {
     for task in ["passkey", "niah", "ppl", "mecw", "niah_single_1"] {
         assert!(text.contains(task), "{text}");
     }
+}
+
+/// A text file long enough for perplexity at 1k tokens of the tiny model's tokenizer.
+fn long_text(dir: &Path) -> String {
+    let words = [
+        "river", "stone", "lamp", "garden", "window", "letter", "morning",
+    ];
+    let text: String = (0..6000)
+        .map(|i| format!("{} ", words[(i * 5 + i / 7) % words.len()]))
+        .collect();
+    let path = dir.join("text.txt");
+    fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn rope_search_writes_factors_resumes_and_its_factors_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let text = long_text(dir.path());
+    let out = dir.path().join("search");
+    let search = |extra: &[&str]| {
+        let mut args = vec![
+            "rope-search",
+            "--model",
+            &model,
+            "--target",
+            "1k",
+            "--text",
+            &text,
+            "--population",
+            "4",
+            "--iterations",
+            "1",
+            "--mutations",
+            "1",
+            "--crossovers",
+            "1",
+            "--parents",
+            "2",
+            "--threads",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        longctx(&args)
+    };
+    let first = search(&[]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let candidates = fs::read_to_string(out.join("candidates.jsonl")).unwrap();
+    let measured = candidates.lines().count();
+    assert!((1..=6).contains(&measured), "{candidates}");
+    assert!(fs::read_to_string(out.join("search.md"))
+        .unwrap()
+        .contains("| 1 |"));
+    let again = search(&[]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains(&format!("resuming: {measured} candidates")),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(
+        fs::read_to_string(out.join("candidates.jsonl")).unwrap(),
+        candidates,
+        "a finished search measured again"
+    );
+    assert_clean_failure(
+        &search(&["--seed", "1"]),
+        "holds a search with other settings",
+    );
+
+    let best = format!("longrope:factors={}", out.join("best.json").display());
+    let eval_out = dir.path().join("ppl");
+    let ppl = longctx(&[
+        "eval",
+        "ppl:span=1024",
+        "--model",
+        &model,
+        "--lengths",
+        "1k",
+        "--text",
+        &text,
+        "--rope",
+        &best,
+        "--threads",
+        "2",
+        "--out",
+        eval_out.to_str().unwrap(),
+    ]);
+    assert!(ppl.status.success(), "{}", stderr(&ppl));
+}
+
+#[test]
+fn rope_search_refuses_a_target_inside_the_trained_window() {
+    let out = longctx(&["rope-search", "--model", &tiny_model(), "--target", "256"]);
+    assert_clean_failure(&out, "not past the model's trained 512 tokens");
 }

@@ -6,6 +6,7 @@
 pub mod fit;
 pub mod plots;
 pub mod report;
+pub mod rope_search;
 pub mod runner;
 pub mod scoring;
 pub mod task;

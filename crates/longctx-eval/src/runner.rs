@@ -153,6 +153,11 @@ pub fn read_config(dir: &Path) -> Result<Option<RunConfig>> {
 /// cut from the file, so the next append starts on a clean line); a bad line elsewhere means
 /// the file was damaged, which is reported rather than silently skipped.
 pub fn load_records(path: &Path) -> Result<Vec<Record>> {
+    load_jsonl(path)
+}
+
+/// Reads a JSON-lines file written one durable line at a time, as [`load_records`] describes.
+pub fn load_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let text = match fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -184,7 +189,7 @@ pub fn load_records(path: &Path) -> Result<Vec<Record>> {
         if line.trim().is_empty() {
             continue;
         }
-        let record: Record = serde_json::from_str(line).map_err(|e| {
+        let record: T = serde_json::from_str(line).map_err(|e| {
             EvalError::Invalid(format!(
                 "line {} of {} is damaged ({e}); remove that line to resume",
                 i + 1,
