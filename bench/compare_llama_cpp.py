@@ -10,7 +10,7 @@ longctx / llama.cpp is printed (> 1 means longctx is faster).
 Needs: `pip install llama-cpp-python numpy` (build it with CMAKE_ARGS=-DGGML_NATIVE=ON) and a
 release build: `cargo build --release -p longctx-cli`.
 
-    python3 bench/compare_llama_cpp.py [--model PATH] [--threads 2] [--repetitions 5] [--markdown]
+    python3 bench/compare_llama_cpp.py [--model PATH] [--threads 2] [--repetitions 5] [--long]
 
 These machines are small and noisy: run it on an otherwise idle machine.
 """
@@ -86,6 +86,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repetitions", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="alternate the two engines this many times; medians over rounds")
+    ap.add_argument("--long", action="store_true",
+                    help="also prefill 8192 tokens from an empty cache, where attention dominates (what long evals spend their time on)")
     args = ap.parse_args()
     if not os.path.exists(LONGCTX):
         sys.exit("build longctx first: cargo build --release -p longctx-cli")
@@ -97,6 +99,8 @@ def main():
         ("tg128", 0, 128, 0, args.repetitions),
         ("tg128 @ d4096", 0, 128, 4096, max(1, args.repetitions // 2)),
     ]
+    if args.long:
+        cases.append(("pp8192", 8192, 0, 0, 1))
     rows = []
     for name, prompt, gen, depth, repetitions in cases:
         ours, theirs = [], []
