@@ -39,7 +39,7 @@ pub const SCHEMES: &[(&str, &str)] = &[
     ("self_extend", "Self-Extend bi-level attention: group, window (neighbour tokens); reaches (trained − window)·group + window"),
     ("string", "STRING, distant keys seen from shifted queries, within the trained length: shift, window, attention_factor"),
     ("logn", "log-length scaling of the queries past scale_base tokens; composes: yarn:factor=4+logn"),
-    ("auto", "auto:LENGTH picks a scheme for a target length (see `recommend`)"),
+    ("auto", "auto:LENGTH picks a scheme for a target length (below)"),
 ];
 
 fn scheme_names() -> String {
