@@ -115,9 +115,18 @@ pub fn build(spec: &Spec, base: &Base, n_ctx: usize) -> Result<Box<dyn PositionS
     let mut scheme = frequency_scheme(part, base, n_ctx)?;
     if let Some(reach) = scheme.reach() {
         if n_ctx > reach {
+            let remedy = if part.params.iter().any(|(k, _)| k == "factor") {
+                format!(
+                    "raise its factor to at least {:.2}",
+                    n_ctx as f64 / base.trained_ctx as f64
+                )
+            } else {
+                format!(
+                    "use factors made for {n_ctx} tokens (longctx rope-search --target {n_ctx})"
+                )
+            };
             return Err(Error::InvalidOption(format!(
-                "`{part}` reaches {reach} tokens, but the context is {n_ctx}; raise its factor to at least {:.2} or shorten the context",
-                n_ctx as f64 / base.trained_ctx as f64
+                "`{part}` reaches {reach} tokens, but the context is {n_ctx}; {remedy} or shorten the context"
             )));
         }
     }
@@ -475,7 +484,20 @@ mod tests {
         .unwrap();
         let foreign = dir.path().join("foreign.json");
         std::fs::write(&foreign, "{\"hello\": 1}").unwrap();
+        let made_for_16k = dir.path().join("16k.json");
+        LongRopeFactors {
+            short_factor: vec![1.0; 32],
+            long_factor: vec![2.0; 32],
+            original_max_position_embeddings: Some(8192),
+            max_position_embeddings: Some(16384),
+        }
+        .save(&made_for_16k)
+        .unwrap();
         for (spec, needle) in [
+            (
+                format!("longrope:factors={}", made_for_16k.display()),
+                "reaches 16384 tokens, but the context is 32768; use factors made for 32768 tokens",
+            ),
             (
                 "rerope:factor=2".to_string(),
                 "unknown position scheme `rerope`; available: none, linear",
