@@ -61,20 +61,8 @@ pub struct Args {
 }
 
 pub fn parse_length(text: &str) -> Result<usize, String> {
-    let t = text.trim().to_ascii_lowercase();
-    let (number, unit) = match t.strip_suffix('k') {
-        Some(n) => (n, 1024.0),
-        None => match t.strip_suffix('m') {
-            Some(n) => (n, 1024.0 * 1024.0),
-            None => (t.as_str(), 1.0),
-        },
-    };
-    match number.parse::<f64>() {
-        Ok(v) if v > 0.0 && (v * unit).fract() == 0.0 => Ok((v * unit) as usize),
-        _ => Err(format!(
-            "`{text}` is not a length; write tokens as 4096 or 4k (1k = 1024)"
-        )),
-    }
+    longctx::spec::parse_length(text)
+        .ok_or_else(|| format!("`{text}` is not a length; write tokens as 4096 or 4k (1k = 1024)"))
 }
 
 pub fn main(args: Args) -> Result<()> {

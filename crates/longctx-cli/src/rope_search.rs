@@ -86,12 +86,12 @@ pub fn main(args: Args) -> Result<()> {
         trained_ctx: model.trained_ctx(),
     };
     let stretch = config.stretch();
-    let seeds = ["linear", "ntk", "yarn"].map(|name| {
-        let spec = format!("{name}:factor={stretch}")
+    let seeds = [("pi", "linear"), ("ntk", "ntk"), ("yarn", "yarn")].map(|(label, scheme)| {
+        let spec = format!("{scheme}:factor={stretch}")
             .parse()
             .expect("a valid spec");
         let scheme = positions::build(&spec, &base, args.target).expect("seed schemes build");
-        (seed_label(name), seed_factors(&base, scheme.as_ref()))
+        (label, seed_factors(&base, scheme.as_ref()))
     });
     let out = args
         .out
@@ -187,14 +187,6 @@ pub fn main(args: Args) -> Result<()> {
         out.join("best.json").display()
     );
     Ok(())
-}
-
-fn seed_label(scheme: &str) -> &'static str {
-    match scheme {
-        "linear" => "pi",
-        "ntk" => "ntk",
-        _ => "yarn",
-    }
 }
 
 /// The λ_i with which LongRoPE reproduces another scheme's frequencies.

@@ -243,6 +243,23 @@ impl<'a> Params<'a> {
     }
 }
 
+/// A token count as users write it: `4096`, `4k` or `1.5k` (1k = 1024), `1m` (1024k); None
+/// unless it is a positive whole number of tokens.
+pub fn parse_length(text: &str) -> Option<usize> {
+    let t = text.trim().to_ascii_lowercase();
+    let (number, unit) = match t.strip_suffix('k') {
+        Some(n) => (n, 1024.0),
+        None => match t.strip_suffix('m') {
+            Some(n) => (n, 1024.0 * 1024.0),
+            None => (t.as_str(), 1.0),
+        },
+    };
+    match number.parse::<f64>() {
+        Ok(v) if v > 0.0 && (v * unit).fract() == 0.0 => Some((v * unit) as usize),
+        _ => None,
+    }
+}
+
 fn type_word<T>() -> &'static str {
     let name = std::any::type_name::<T>();
     if name.starts_with('f') {

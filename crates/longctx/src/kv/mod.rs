@@ -198,7 +198,14 @@ impl KvCache {
 
     /// Start of `(layer, head, slot)` in `k` / `v`.
     pub fn offset(&self, layer: usize, head: usize, slot: usize) -> usize {
-        ((layer * self.n_kv_head + head) * self.capacity + slot) * self.head_dim
+        offset(
+            self.n_kv_head,
+            self.capacity,
+            self.head_dim,
+            layer,
+            head,
+            slot,
+        )
     }
 
     /// Reserves `n` slots at the end for tokens at `positions`; layers then fill them with
@@ -324,6 +331,7 @@ impl KvCache {
         style: RopeStyle,
     ) {
         let (d, n_kv_head, capacity) = (self.head_dim, self.n_kv_head, self.capacity);
+        // Borrows one key tensor mutably, so offsets come from the free function, not `self`.
         let keys = match &mut self.grouped {
             Some(g) if grouped => &mut g.k,
             _ => {
@@ -335,7 +343,7 @@ impl KvCache {
         for layer in 0..self.n_layer {
             for head in 0..n_kv_head {
                 for &slot in slots {
-                    let at = ((layer * n_kv_head + head) * capacity + slot) * d;
+                    let at = offset(n_kv_head, capacity, d, layer, head, slot);
                     match keys {
                         KvData::F16(k) => {
                             for (o, v) in key.iter_mut().zip(&k[at..at + d]) {
@@ -358,6 +366,18 @@ impl KvCache {
         self.len = 0;
         self.positions.clear();
     }
+}
+
+/// Start of `(layer, head, slot)` in a tensor laid out `[layer][kv_head][slot][head_dim]`.
+fn offset(
+    n_kv_head: usize,
+    capacity: usize,
+    head_dim: usize,
+    layer: usize,
+    head: usize,
+    slot: usize,
+) -> usize {
+    ((layer * n_kv_head + head) * capacity + slot) * head_dim
 }
 
 #[cfg(test)]
@@ -385,17 +405,20 @@ mod tests {
         assert_eq!(c.bytes_in_use(), 2 * 2 * 2 * 3 * 4 * 4);
     }
 
+    /// `raw` rotated at position `p` with `freqs`.
+    fn rotated(raw: &[f32], freqs: &[f64], p: i32) -> Vec<f32> {
+        let mut t = RotaryTable::default();
+        t.fill(&[p], freqs, 1.0);
+        let mut k = raw.to_vec();
+        t.rotate(&mut k, 0, RopeStyle::Normal);
+        k
+    }
+
     #[test]
     fn repositioning_equals_rotating_at_the_new_position() {
         let freqs = [1.0, 0.25, 0.01, 0.001];
         let raw: Vec<f32> = (0..8).map(|i| (i as f32 * 0.7).cos()).collect();
-        let rotated_at = |p: i32| {
-            let mut t = RotaryTable::default();
-            t.fill(&[p], &freqs, 1.0);
-            let mut k = raw.clone();
-            t.rotate(&mut k, 0, RopeStyle::Normal);
-            k
-        };
+        let rotated_at = |p: i32| rotated(&raw, &freqs, p);
         let mut c = KvCache::new(KvDtype::F32, 1, 1, 8, 4);
         c.push_slots(&[40, 900]).unwrap();
         c.write(0, 0, 0, &rotated_at(40), &raw);
@@ -415,13 +438,7 @@ mod tests {
     fn grouped_keys_follow_compaction_and_repositioning() {
         let freqs = [1.0, 0.25, 0.01, 0.001];
         let raw: Vec<f32> = (0..8).map(|i| (i as f32 * 0.7).cos()).collect();
-        let rotated_at = |p: i32| {
-            let mut t = RotaryTable::default();
-            t.fill(&[p], &freqs, 1.0);
-            let mut k = raw.clone();
-            t.rotate(&mut k, 0, RopeStyle::Normal);
-            k
-        };
+        let rotated_at = |p: i32| rotated(&raw, &freqs, p);
         let mut c = KvCache::new(KvDtype::F32, 1, 1, 8, 4);
         c.keep_grouped_keys(4);
         assert_eq!(c.bytes_reserved(), 3 * 4 * 8 * 4);

@@ -44,7 +44,7 @@ impl FarPositions {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{build, Base, ModelRope, PositionScheme, RopeStyle, RotaryTable};
+    use super::super::{build, test_base, Base, PositionScheme, RopeStyle, RotaryTable};
     use super::FarPositions;
     use crate::kv::{KvCache, KvData, KvDtype};
     use crate::model::{attend, FarQuery, Reduction};
@@ -52,15 +52,7 @@ mod tests {
     const D: usize = 8;
 
     fn base() -> Base {
-        Base {
-            rope: ModelRope {
-                base: 10000.0,
-                dims: D,
-                freq_factors: None,
-                linear_factor: 1.0,
-            },
-            trained_ctx: 12,
-        }
+        test_base(10000.0, D, 12)
     }
 
     /// `x` rotated at `position` by the textbook RoPE, in f64: pair p = (x[2p], x[2p+1]) turns by

@@ -69,7 +69,7 @@ fn resolve_for(spec: &Spec, trained_ctx: usize) -> Result<Spec> {
             None => params.required("length")?,
         };
         params.finish(&["LENGTH"])?;
-        let length = parse_length(&text).ok_or_else(|| {
+        let length = crate::spec::parse_length(&text).ok_or_else(|| {
             Error::InvalidOption(format!(
                 "`auto:{text}`: the target length must be a whole number of tokens, as 32768 or 32k"
             ))
@@ -77,14 +77,6 @@ fn resolve_for(spec: &Spec, trained_ctx: usize) -> Result<Spec> {
         parts.extend(recommend(length, trained_ctx).parts);
     }
     Ok(Spec { parts })
-}
-
-/// Tokens as `32768` or `32k` (1k = 1024).
-fn parse_length(text: &str) -> Option<usize> {
-    match text.strip_suffix(['k', 'K']) {
-        Some(thousands) => thousands.parse::<usize>().ok()?.checked_mul(1024),
-        None => text.parse().ok(),
-    }
 }
 
 /// The position scheme a `--rope` spec selects for `model` in a context of `n_ctx` tokens.
@@ -311,20 +303,27 @@ impl RotaryTable {
     }
 }
 
+/// A plain RoPE of `dims` rotated dimensions with `base`, trained on `trained_ctx` tokens: what
+/// the schemes' unit tests build on.
+#[cfg(test)]
+fn test_base(base: f64, dims: usize, trained_ctx: usize) -> Base {
+    Base {
+        rope: ModelRope {
+            base,
+            dims,
+            freq_factors: None,
+            linear_factor: 1.0,
+        },
+        trained_ctx,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn base(base: f64, dims: usize, trained_ctx: usize) -> Base {
-        Base {
-            rope: ModelRope {
-                base,
-                dims,
-                freq_factors: None,
-                linear_factor: 1.0,
-            },
-            trained_ctx,
-        }
+        test_base(base, dims, trained_ctx)
     }
 
     fn smollm2() -> Base {

@@ -101,19 +101,11 @@ impl PositionScheme for StringScheme {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{build, Base};
+    use super::super::{build, test_base, Base};
     use super::*;
 
     fn base(trained_ctx: usize) -> Base {
-        Base {
-            rope: ModelRope {
-                base: 10000.0,
-                dims: 8,
-                freq_factors: None,
-                linear_factor: 1.0,
-            },
-            trained_ctx,
-        }
+        test_base(10000.0, 8, trained_ctx)
     }
 
     fn scheme(spec: &str, trained: usize, n_ctx: usize) -> Result<Box<dyn PositionScheme>> {
