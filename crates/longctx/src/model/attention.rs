@@ -1,4 +1,5 @@
-//! Causal scaled dot-product attention over the KV cache, one (query head, token) at a time.
+//! Causal scaled dot-product attention over the KV cache: one (query head, token) at a time
+//! ([`attend`]), or a block of them sharing a KV head ([`attend_block`], prefill), same bits.
 //!
 //! The arithmetic reproduces, bit for bit, llama.cpp's default CPU path without flash attention
 //! (`llm_graph_context::build_attn_mha`: `kq = mul_mat(k, q)`, `soft_max_ext(kq, mask, scale)`,
@@ -134,6 +135,215 @@ pub fn attend(
     });
 }
 
+/// Tokens of a chunk whose queries [`attend_block`] takes together, times the query heads that
+/// share a KV head.
+pub const BLOCK_TOKENS: usize = 8;
+
+/// Slots scored, or summed, per pass over a block's queries: one tile of keys or values, widened
+/// to f32 once for every query of the block (32 KiB at head size 64), stays in L1/L2.
+const TILE: usize = 128;
+
+/// One query of an [`attend_block`]: `q` `[D]` (already rotated) sees the first `visible` slots
+/// and writes `out` `[D]`.
+pub struct QueryRow<'a> {
+    pub q: &'a [f32],
+    pub visible: usize,
+    pub out: &'a mut [f32],
+}
+
+thread_local! {
+    /// [`attend_block`]'s working memory: the block's queries as the reference rounds them, one
+    /// tile of keys or values in f32, and each query's per-lane partial sums of p·V.
+    static BLOCK: RefCell<BlockScratch> = RefCell::new(BlockScratch::default());
+}
+
+#[derive(Default)]
+struct BlockScratch {
+    queries: Vec<f32>,
+    tile: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+/// [`attend`] for several queries of one KV head at once, with the same arithmetic, bit for bit.
+///
+/// Attending one query at a time reads (and widens from f16) the head's whole cache per query,
+/// with one horizontal sum per score and one load and store of the partial sums per slot:
+/// prefill ran at 0.6× llama.cpp's speed at 8k. Here each tile of keys and values is widened
+/// once for all the rows; scores come eight keys at a time, their horizontal sums transposed
+/// into one vector (the same tree, so the same bits), and each lane of p·V stays in registers
+/// across the tile. `scores` holds at least `rows × stride` values ([`block_stride`]); on
+/// return row r's softmax weights are `scores[r·stride..][..visible]`.
+pub fn attend_block(
+    cache: &KvCache,
+    layer: usize,
+    kv_head: usize,
+    rows: &mut [QueryRow],
+    scale: f32,
+    scores: &mut [f32],
+    reduction: Reduction,
+) {
+    let d = cache.head_dim;
+    assert!(d <= MAX_HEAD_DIM, "head size {d} above {MAX_HEAD_DIM}");
+    let base = cache.offset(layer, kv_head, 0);
+    let stride = block_stride(rows);
+    let scores = &mut scores[..rows.len() * stride];
+    let (kq_lanes, kqv_lanes) = (reduction.kq_lanes(d), reduction.kqv_lanes(d));
+    let f16_cache = matches!(cache.k, KvData::F16(_));
+    BLOCK.with(|block| {
+        let block = &mut *block.borrow_mut();
+        grow(&mut block.queries, rows.len() * d);
+        grow(&mut block.tile, TILE * d);
+        grow(&mut block.acc, rows.len() * kqv_lanes * d);
+        let queries = &mut block.queries[..rows.len() * d];
+        for (qr, row) in queries.chunks_mut(d).zip(rows.iter()) {
+            qr.copy_from_slice(row.q);
+            // `mul_mat` converts the query to the cache type first.
+            if f16_cache {
+                round_to_f16(qr);
+            }
+        }
+        for tile in (0..stride).step_by(TILE) {
+            let keys = widen(
+                &cache.k,
+                base,
+                tile,
+                (tile + TILE).min(stride),
+                d,
+                &mut block.tile,
+            );
+            for ((row, s), q) in rows
+                .iter()
+                .zip(scores.chunks_mut(stride))
+                .zip(queries.chunks(d))
+            {
+                let end = (tile + TILE).min(row.visible);
+                if end > tile {
+                    score_tile(q, keys, d, kq_lanes, f16_cache, scale, &mut s[tile..end]);
+                }
+            }
+        }
+        for (row, s) in rows.iter().zip(scores.chunks_mut(stride)) {
+            softmax(&mut s[..row.visible]);
+        }
+        let per_row = kqv_lanes * d;
+        let acc = &mut block.acc[..rows.len() * per_row];
+        acc.fill(0.0);
+        let mut weights = [0f32; TILE];
+        for tile in (0..stride).step_by(TILE) {
+            let values = widen(
+                &cache.v,
+                base,
+                tile,
+                (tile + TILE).min(stride),
+                d,
+                &mut block.tile,
+            );
+            for ((row, s), a) in rows
+                .iter()
+                .zip(scores.chunks(stride))
+                .zip(acc.chunks_mut(per_row))
+            {
+                let end = (tile + TILE).min(row.visible);
+                if end > tile {
+                    let p = &mut weights[..end - tile];
+                    p.copy_from_slice(&s[tile..end]);
+                    // `mul_mat` converts the weights to the cache type first.
+                    if f16_cache {
+                        round_to_f16(p);
+                    }
+                    accumulate_tile(values, p, d, kqv_lanes, a);
+                }
+            }
+        }
+        for (row, a) in rows.iter_mut().zip(acc.chunks_mut(per_row)) {
+            let used = kqv_lanes.min(row.visible) * d;
+            reduce_lanes(&mut a[..used], d, kqv_lanes, row.out);
+        }
+    });
+}
+
+/// Rounds each value to the nearest f16 (ties to even), kept as f32.
+fn round_to_f16(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx2() {
+        // SAFETY: the CPU has AVX2 and F16C.
+        return unsafe { simd::round_to_f16(x) };
+    }
+    for v in x {
+        *v = f16::from_f32(*v).to_f32();
+    }
+}
+
+fn grow(buffer: &mut Vec<f32>, len: usize) {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+}
+
+/// Slots `from..to` of `data` (head's slot 0 at `base`) as f32 `[to − from][D]`: the cache
+/// itself for an f32 cache, else widened into `buffer` (exactly: f16 → f32 loses nothing).
+fn widen<'a>(
+    data: &'a KvData,
+    base: usize,
+    from: usize,
+    to: usize,
+    d: usize,
+    buffer: &'a mut [f32],
+) -> &'a [f32] {
+    let range = base + from * d..base + to * d;
+    match data {
+        KvData::F32(x) => &x[range],
+        KvData::F16(x) => {
+            let out = &mut buffer[..(to - from) * d];
+            half::slice::HalfFloatSliceExt::convert_to_f32_slice(&x[range], out);
+            out
+        }
+    }
+}
+
+/// `s[j] = q·k_j · scale` for the keys of a tile (`[n][D]` f32, `q` rounded as the cache is).
+fn score_tile(
+    q: &[f32],
+    keys: &[f32],
+    d: usize,
+    lanes: usize,
+    wide: bool,
+    scale: f32,
+    s: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if lanes == 16 && d.is_multiple_of(16) && crate::quant::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA; `keys` holds `s.len()` rows of `d`, `d % 16 == 0`.
+        return unsafe { simd::scores16(q, keys, d, scale, s) };
+    }
+    for (j, o) in s.iter_mut().enumerate() {
+        let k = &keys[j * d..(j + 1) * d];
+        *o = dot_lanes(lanes, d, |i| q[i], |i| k[i], wide) * scale;
+    }
+}
+
+/// Adds `p[j]·v_j` for the values of a tile (`[n][D]` f32, starting at a slot that is a
+/// multiple of `lanes`) to lane `j % lanes` of `acc` (`[lanes][D]`), in slot order per lane.
+fn accumulate_tile(values: &[f32], p: &[f32], d: usize, lanes: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if lanes == 16 && d.is_multiple_of(64) && crate::quant::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA; `values` holds `p.len()` rows of `d`, `acc` 16 rows,
+        // `d % 64 == 0`.
+        return unsafe { simd::accumulate16(values, p, d, acc) };
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        let row = &mut acc[(j % lanes) * d..(j % lanes + 1) * d];
+        for (o, &x) in row.iter_mut().zip(&values[j * d..(j + 1) * d]) {
+            *o = x.mul_add(pj, *o);
+        }
+    }
+}
+
+/// Distance between consecutive rows' scores in [`attend_block`]'s scratch.
+pub fn block_stride(rows: &[QueryRow]) -> usize {
+    rows.iter().map(|r| r.visible).max().unwrap_or(0)
+}
+
 /// `scores[j] = q·k_j · scale` for the keys in `keys` from offset `base` on, one per score.
 fn score(
     keys: &KvData,
@@ -182,7 +392,22 @@ fn weighted_sum(
     out: &mut [f32],
 ) {
     acc.fill(0.0);
-    for (j, &pj) in p.iter().enumerate() {
+    accumulate(v, base, d, p, 0, lanes, acc);
+    reduce_lanes(acc, d, lanes, out);
+}
+
+/// Adds `p[j]·v` of the slots `first..first + p.len()` (counted from the head's slot 0 at `base`)
+/// to lane `slot % lanes` of `acc`, continuing each lane's FMA chain in slot order.
+fn accumulate(
+    v: &KvData,
+    base: usize,
+    d: usize,
+    p: &[f32],
+    first: usize,
+    lanes: usize,
+    acc: &mut [f32],
+) {
+    for (j, &pj) in (first..).zip(p) {
         let row = &mut acc[(j % lanes) * d..(j % lanes + 1) * d];
         let at = base + j * d;
         match v {
@@ -195,7 +420,11 @@ fn weighted_sum(
             }
         }
     }
-    // Halving tree over lanes; lanes past the used rows are zero and leave sums unchanged.
+}
+
+/// Sums the lanes of `acc` (its used rows, `[rows][D]`) into `out` by the halving tree; lanes
+/// past the used rows are zero and leave sums unchanged.
+fn reduce_lanes(acc: &mut [f32], d: usize, lanes: usize, out: &mut [f32]) {
     let mut used = acc.len() / d;
     let mut step = lanes / 2;
     while step >= 1 {
@@ -423,6 +652,104 @@ pub(crate) mod simd {
         }
     }
 
+    /// tinyBLAS's 16-lane dot product of f32 rows, as two 8-lane halves added before the tree.
+    #[inline(always)]
+    unsafe fn dot16_halves(q: *const f32, k: *const f32, d: usize) -> __m256 {
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in (0..d).step_by(16) {
+            lo = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(k.add(i)), lo);
+            hi = _mm256_fmadd_ps(
+                _mm256_loadu_ps(q.add(i + 8)),
+                _mm256_loadu_ps(k.add(i + 8)),
+                hi,
+            );
+        }
+        _mm256_add_ps(lo, hi)
+    }
+
+    /// [`tree8`] of eight vectors at once, lane m of the result being `tree8(v[m])`: the same
+    /// additions (lane i + i+4, then i + i+2, then 0 + 1), done across registers.
+    #[inline(always)]
+    unsafe fn tree8x8(v: [__m256; 8]) -> __m256 {
+        let halves = |a, b| {
+            _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(a, b),
+                _mm256_permute2f128_ps::<0x31>(a, b),
+            )
+        };
+        let pairs = |a, b| {
+            _mm256_add_ps(
+                _mm256_shuffle_ps::<0x44>(a, b),
+                _mm256_shuffle_ps::<0xEE>(a, b),
+            )
+        };
+        let y0 = pairs(halves(v[0], v[1]), halves(v[2], v[3]));
+        let y1 = pairs(halves(v[4], v[5]), halves(v[6], v[7]));
+        // Lanes now hold vectors 0, 2, 4, 6 | 1, 3, 5, 7.
+        let z = _mm256_add_ps(
+            _mm256_shuffle_ps::<0x88>(y0, y1),
+            _mm256_shuffle_ps::<0xDD>(y0, y1),
+        );
+        _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+    }
+
+    /// `s[j] = q·k_j · scale` in tinyBLAS's 16-lane order, eight keys per horizontal sum.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scores16(q: &[f32], keys: &[f32], d: usize, scale: f32, s: &mut [f32]) {
+        let (pq, pk, ps) = (q.as_ptr(), keys.as_ptr(), s.as_mut_ptr());
+        let n = s.len();
+        let full = n - n % 8;
+        let scale8 = _mm256_set1_ps(scale);
+        for j in (0..full).step_by(8) {
+            let mut v = [_mm256_setzero_ps(); 8];
+            for (m, v) in v.iter_mut().enumerate() {
+                *v = dot16_halves(pq, pk.add((j + m) * d), d);
+            }
+            _mm256_storeu_ps(ps.add(j), _mm256_mul_ps(tree8x8(v), scale8));
+        }
+        for j in full..n {
+            *ps.add(j) = tree8(dot16_halves(pq, pk.add(j * d), d)) * scale;
+        }
+    }
+
+    /// Lane l of `acc` (`[16][D]`) += Σ p[j]·v_j over the slots j ≡ l (mod 16), in slot order,
+    /// 64 dimensions of one lane held in registers across the tile.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn accumulate16(values: &[f32], p: &[f32], d: usize, acc: &mut [f32]) {
+        let (pv, pa) = (values.as_ptr(), acc.as_mut_ptr());
+        for lane in 0..16.min(p.len()) {
+            for dc in (0..d).step_by(64) {
+                let at = pa.add(lane * d + dc);
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (m, r) in r.iter_mut().enumerate() {
+                    *r = _mm256_loadu_ps(at.add(8 * m));
+                }
+                for j in (lane..p.len()).step_by(16) {
+                    let w = _mm256_set1_ps(*p.get_unchecked(j));
+                    let row = pv.add(j * d + dc);
+                    for (m, r) in r.iter_mut().enumerate() {
+                        *r = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(8 * m)), w, *r);
+                    }
+                }
+                for (m, r) in r.iter().enumerate() {
+                    _mm256_storeu_ps(at.add(8 * m), *r);
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn round_to_f16(x: &mut [f32]) {
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(c.as_ptr()));
+            _mm256_storeu_ps(c.as_mut_ptr(), _mm256_cvtph_ps(h));
+        }
+        for v in chunks.into_remainder() {
+            *v = f16::from_f32(*v).to_f32();
+        }
+    }
+
     /// [`super::expf`] on 8 lanes.
     #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn expf8(x: __m256) -> __m256 {
@@ -628,6 +955,75 @@ mod tests {
                 let got = unsafe { simd::exp_block16(&mut block, 0.0) };
                 assert_eq!(got.to_bits(), want.to_bits());
                 assert_eq!(block.map(f32::to_bits), scalar.map(f32::to_bits));
+            }
+        }
+    }
+
+    /// The blocked path must give every query exactly what [`attend`] gives it alone, across
+    /// tile edges, for both cache types, both reductions and head sizes with and without the
+    /// SIMD kernels.
+    #[test]
+    fn a_block_of_queries_attends_bit_for_bit_as_each_alone() {
+        let mut rng = 0x2545_f491u32;
+        let mut next = || {
+            rng = rng.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ((rng >> 8) as f32 / (1 << 24) as f32 - 0.5) * 8.0
+        };
+        let slots = 2 * TILE + 37;
+        for dtype in [KvDtype::F16, KvDtype::F32] {
+            for d in [64usize, 48, 128] {
+                let mut cache = KvCache::new(dtype, 2, 2, d, slots);
+                cache
+                    .push_slots(&(0..slots as i32).collect::<Vec<_>>())
+                    .unwrap();
+                for layer in 0..2 {
+                    for head in 0..2 {
+                        for j in 0..slots {
+                            let k: Vec<f32> = (0..d).map(|_| next()).collect();
+                            let v: Vec<f32> = (0..d).map(|_| next()).collect();
+                            cache.write(layer, head, j, &k, &v);
+                        }
+                    }
+                }
+                let visible = [1usize, 15, 16, 17, TILE, TILE + 1, slots - 1, slots, 203];
+                let queries: Vec<Vec<f32>> = visible
+                    .iter()
+                    .map(|_| (0..d).map(|_| next()).collect())
+                    .collect();
+                for reduction in [Reduction::Gemm, Reduction::VecDot] {
+                    let scale = 1.0 / (d as f32).sqrt();
+                    let mut outs = vec![vec![0f32; d]; visible.len()];
+                    let mut rows: Vec<QueryRow> = queries
+                        .iter()
+                        .zip(&visible)
+                        .zip(outs.iter_mut())
+                        .map(|((q, &visible), out)| QueryRow { q, visible, out })
+                        .collect();
+                    let stride = block_stride(&rows);
+                    let mut block_scores = vec![0f32; rows.len() * stride];
+                    attend_block(&cache, 1, 1, &mut rows, scale, &mut block_scores, reduction);
+                    for (r, (q, &visible)) in queries.iter().zip(&visible).enumerate() {
+                        let mut scores = vec![0f32; visible];
+                        let mut out = vec![0f32; d];
+                        attend(
+                            &cache,
+                            1,
+                            1,
+                            visible,
+                            q,
+                            scale,
+                            &mut scores,
+                            &mut out,
+                            reduction,
+                            None,
+                        );
+                        let case = format!("{dtype:?} d={d} {reduction:?} visible={visible}");
+                        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&outs[r]), bits(&out), "{case}");
+                        let weights = &block_scores[r * stride..][..visible];
+                        assert_eq!(bits(weights), bits(&scores), "{case}");
+                    }
+                }
             }
         }
     }

@@ -7,7 +7,9 @@
 
 use crate::gguf::Gguf;
 use crate::kv::{AttentionObserver, KvCache, KvData};
-use crate::model::attention::{attend, FarQuery, Reduction, MAX_HEAD_DIM};
+use crate::model::attention::{
+    attend, attend_block, block_stride, FarQuery, QueryRow, Reduction, BLOCK_TOKENS, MAX_HEAD_DIM,
+};
 use crate::model::config::{Architecture, Config};
 use crate::model::swiglu::swiglu;
 use crate::positions::{FarPositions, PositionScheme, RotaryTable};
@@ -131,7 +133,8 @@ pub struct Scratch {
     gate: Vec<f32>, // [T, F]
     up: Vec<f32>,   // [T, F]
     acts: ActCache,
-    /// One attention-score row per thread, as long as the cache.
+    /// Attention scores per thread: one row as long as the cache per query of a block
+    /// ([`BLOCK_TOKENS`] tokens times the heads sharing a KV head).
     scores: Vec<std::sync::Mutex<Vec<f32>>>,
     pub rotary: RotaryTable,
     /// Set when the position scheme has a far attention (Self-Extend, STRING).
@@ -230,7 +233,7 @@ impl Scratch {
             up: vec![0.0; t * c.n_ff],
             acts: ActCache::default(),
             scores: (0..threads)
-                .map(|_| std::sync::Mutex::new(vec![0.0; ctx]))
+                .map(|_| std::sync::Mutex::new(vec![0.0; ctx * block_rows(c, max_tokens)]))
                 .collect(),
             rotary: RotaryTable::default(),
             far: None,
@@ -463,6 +466,9 @@ fn attention(
     let (hd, group) = (c.head_dim, c.n_head / c.n_kv_head);
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = SyncPtr(out.as_mut_ptr());
+    if input.far.is_none() && input.positions.len() >= 2 {
+        return attention_blocks(c, pool, cache, input, out, scores, observer);
+    }
     let pairs = c.n_head * input.positions.len();
     let reduction = Reduction::for_chunk(input.positions.len());
     let far_keys: Option<&KvData> = input.far.map(|(map, _)| {
@@ -512,6 +518,81 @@ fn attention(
                 if obs.wants(input.layer, position) {
                     // `attend` leaves the softmax weights in the score scratch.
                     obs.observe(input.layer, h, h / group, position, &scratch[..visible]);
+                }
+            }
+        }
+    });
+}
+
+/// Queries of a chunk that take [`attend_block`] together: up to [`BLOCK_TOKENS`] tokens times
+/// the query heads that share a KV head (single-token chunks attend one query at a time).
+fn block_rows(c: &Config, max_tokens: usize) -> usize {
+    let tokens = if max_tokens >= 2 { BLOCK_TOKENS } else { 1 };
+    tokens * (c.n_head / c.n_kv_head)
+}
+
+/// [`attention`] for chunks of two or more tokens without a far query: each unit of work is
+/// one KV head and a block of consecutive tokens, whose queries read its cache together.
+fn attention_blocks(
+    c: &Config,
+    pool: &ThreadPool,
+    cache: &KvCache,
+    input: AttentionInput,
+    out: &mut [f32], // [T, H·D]
+    scores: &[std::sync::Mutex<Vec<f32>>],
+    observer: Option<&dyn AttentionObserver>,
+) {
+    let (hd, group) = (c.head_dim, c.n_head / c.n_kv_head);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let t = input.positions.len();
+    let units = t.div_ceil(BLOCK_TOKENS) * c.n_kv_head;
+    let reduction = Reduction::for_chunk(t);
+    pool.run(&|index, n| {
+        let mut scratch = match scores[index].lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut rows = Vec::with_capacity(BLOCK_TOKENS * group);
+        for unit in split_range(units, index, n) {
+            let (block, kv_head) = (unit / c.n_kv_head, unit % c.n_kv_head);
+            let tokens = block * BLOCK_TOKENS..((block + 1) * BLOCK_TOKENS).min(t);
+            rows.clear();
+            for i in tokens.clone() {
+                for h in kv_head * group..(kv_head + 1) * group {
+                    let at = (i * c.n_head + h) * hd;
+                    rows.push(QueryRow {
+                        q: &input.q[at..at + hd],
+                        visible: input.first_slot + i + 1,
+                        // SAFETY: each (token, head) pair owns its `hd` outputs and belongs to
+                        // one unit, handled by one thread.
+                        out: unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(at), hd) },
+                    });
+                }
+            }
+            attend_block(
+                cache,
+                input.layer,
+                kv_head,
+                &mut rows,
+                scale,
+                &mut scratch,
+                reduction,
+            );
+            if let Some(obs) = observer {
+                let stride = block_stride(&rows);
+                for (r, row) in rows.iter().enumerate() {
+                    let (i, h) = (tokens.start + r / group, kv_head * group + r % group);
+                    let position = input.positions[i];
+                    if obs.wants(input.layer, position) {
+                        obs.observe(
+                            input.layer,
+                            h,
+                            kv_head,
+                            position,
+                            &scratch[r * stride..][..row.visible],
+                        );
+                    }
                 }
             }
         }
