@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::gguf::Gguf;
 use crate::kv::{AttentionObserver, KvCache};
 use crate::model::{forward, Chunk, Config, FarScratch, Scratch, Weights};
-use crate::positions::{ModelRope, PositionScheme};
+use crate::positions::{GroupBlocks, ModelRope, PositionScheme};
 use crate::spec::Spec;
 use crate::threads::ThreadPool;
 use crate::tokenizer::Tokenizer;
@@ -122,6 +122,8 @@ pub struct Session {
     scheme: Box<dyn PositionScheme>,
     /// Position the next token will take.
     next_position: i32,
+    /// End of the positions already grouped, for Self-Extend's block mode (llama.cpp's `ga_i`).
+    grouped_until: i32,
     /// `[V]` logits of the last token fed.
     logits: Vec<f32>,
     /// Reused per chunk so that decoding allocates nothing.
@@ -188,6 +190,7 @@ impl Session {
             scratch,
             scheme,
             next_position: 0,
+            grouped_until: 0,
             positions: Vec::with_capacity(chunk),
             frequencies: Vec::new(),
             cached_frequencies: Vec::new(),
@@ -255,6 +258,23 @@ impl Session {
         self.cache.clear();
         self.cached_frequencies.clear();
         self.next_position = 0;
+        self.grouped_until = 0;
+    }
+
+    /// Self-Extend's block mode: moves completed blocks of cached tokens to grouped positions
+    /// before the next chunk, re-rotating their keys by the change (a pure rotation).
+    fn regroup_cache(&mut self, blocks: GroupBlocks) {
+        let mut positions = self.cache.positions().to_vec();
+        if blocks.regroup(
+            &mut positions,
+            &mut self.next_position,
+            &mut self.grouped_until,
+        ) {
+            self.scheme
+                .frequencies(self.next_position as usize, &mut self.frequencies);
+            self.cache
+                .reposition(&positions, &self.frequencies, self.model.config.rope_style);
+        }
     }
 
     /// Brings the cached keys to the frequencies of a sequence of `seq_len` tokens, when the
@@ -291,6 +311,9 @@ impl Session {
         let model = self.model.clone();
         let mut done = 0;
         for chunk in tokens.chunks(self.options.chunk_size) {
+            if let Some(blocks) = self.scheme.group_blocks() {
+                self.regroup_cache(blocks);
+            }
             self.positions.clear();
             self.positions
                 .extend((0..chunk.len() as i32).map(|i| self.next_position + i));

@@ -224,3 +224,38 @@ fn far_schemes_refuse_contexts_they_do_not_reach() {
         assert!(err.contains(needle), "{rope}: {err}");
     }
 }
+
+/// Self-Extend's block mode moves cached keys to grouped positions between chunks; each moved
+/// key must be exactly the key rotated at its new position. With one token repeated, layer 0's
+/// key at any position is the same vector rotated there, so the model's own cache, filled at
+/// positions 0, 1, 2 …, holds the expected key for every grouped position.
+#[test]
+fn self_extend_block_mode_moves_cached_keys_to_exactly_their_grouped_positions() {
+    let model = model();
+    let ids = vec![17u32; 600];
+    let mut block =
+        session_in(&model, "self_extend:group=4,window=64,mode=block", 1792, 32).unwrap();
+    let last = block.prefill(&ids).unwrap().to_vec();
+    assert!(last.iter().all(|x| x.is_finite()));
+    let mut own = session(&model, "none", 512);
+    own.prefill(&ids).unwrap();
+    let (grouped, plain) = (block.cache(), own.cache());
+    let positions = grouped.positions();
+    // Completed blocks of 64 sit at ⌊t/4⌋; the trailing tokens carry on densely.
+    assert_eq!(&positions[..8], &[0, 0, 0, 0, 1, 1, 1, 1]);
+    assert!(positions.windows(2).all(|w| w[0] <= w[1]));
+    assert!(*positions.last().unwrap() < 512, "{positions:?}");
+    let d = grouped.head_dim;
+    let (longctx::kv::KvData::F32(k), longctx::kv::KvData::F32(expected)) = (&grouped.k, &plain.k)
+    else {
+        panic!("f32 caches")
+    };
+    for head in 0..grouped.n_kv_head {
+        for (slot, &p) in positions.iter().enumerate() {
+            let at = grouped.offset(0, head, slot);
+            let want = plain.offset(0, head, p as usize);
+            let diff = max_diff(&k[at..at + d], &expected[want..want + d]);
+            assert!(diff < 1e-4, "head {head} slot {slot} at {p}: {diff}");
+        }
+    }
+}

@@ -4,7 +4,7 @@
 //! by ln(p+1)/ln(scale_base), so attention entropy does not grow with the length. It composes
 //! with any frequency scheme (`yarn:factor=4+logn`).
 
-use super::{Base, FarPositions, PositionScheme, RotaryTable};
+use super::{Base, FarPositions, GroupBlocks, PositionScheme, RotaryTable};
 use crate::spec::{Params, SpecPart};
 use crate::{Error, Result};
 
@@ -58,6 +58,10 @@ impl PositionScheme for LogN {
 
     fn far(&self) -> Option<FarPositions> {
         self.inner.far()
+    }
+
+    fn group_blocks(&self) -> Option<GroupBlocks> {
+        self.inner.group_blocks()
     }
 
     fn fill_table(

@@ -22,6 +22,7 @@ pub use auto::recommend;
 pub use far::FarPositions;
 pub use longrope::LongRopeFactors;
 pub use rope::{ModelRope, RopeStyle};
+pub use self_extend::GroupBlocks;
 
 use crate::session::Model;
 use crate::spec::{Params, Spec, SpecPart};
@@ -36,7 +37,7 @@ pub const SCHEMES: &[(&str, &str)] = &[
     ("yarn", "YaRN: factor, original_max_position_embeddings, beta_fast, beta_slow, attention_factor, mscale, mscale_all_dim"),
     ("llama3", "Llama-3 frequency bands: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings"),
     ("longrope", "LongRoPE per-dimension factors: factors=FILE (JSON with short_factor, long_factor), n_hat"),
-    ("self_extend", "Self-Extend bi-level attention: group, window (neighbour tokens); reaches (trained − window)·group + window"),
+    ("self_extend", "Self-Extend bi-level attention: group, window (neighbour tokens), mode=exact|block (block: llama.cpp's one-map grouping between chunks); reaches (trained − window)·group + window"),
     ("string", "STRING, distant keys seen from shifted queries, within the trained length: shift, window, attention_factor"),
     ("logn", "log-length scaling of the queries past scale_base tokens; composes: yarn:factor=4+logn"),
     ("auto", "auto:LENGTH picks a scheme for a target length (below)"),
@@ -201,6 +202,11 @@ pub trait PositionScheme: Send + Sync {
     /// How distant keys are seen, for schemes with a second, far attention (Self-Extend,
     /// STRING); None when every key is seen where it was cached.
     fn far(&self) -> Option<FarPositions> {
+        None
+    }
+    /// How cached tokens are regrouped between chunks, for schemes that move them (Self-Extend's
+    /// block mode); None when tokens keep the positions they were cached at.
+    fn group_blocks(&self) -> Option<GroupBlocks> {
         None
     }
     /// Fills `table` with cos/sin for `positions`. The default forms angles from

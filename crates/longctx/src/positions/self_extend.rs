@@ -8,6 +8,14 @@
 //!
 //! Grouped keys are a second rotation of every key, which the KV cache keeps beside the first
 //! (one more key tensor: the cache grows by half).
+//!
+//! `mode=block` is instead llama.cpp's one-map approximation (`--grp-attn-n/--grp-attn-w`,
+//! `tools/main/main.cpp`): before each chunk, every completed block of W tokens past the window
+//! has its cached keys moved to grouped positions (token t to ⌊t/G⌋), the trailing tokens
+//! carry on densely from there, and attention is the model's own, over one key per token. It
+//! needs no second key buffer and no second score per key, but the neighbours seen at their own
+//! positions jump by whole blocks (0…W tokens instead of exactly W), and, like llama.cpp's, the
+//! result depends on where chunks end: it is not the paper's attention.
 
 use super::{Base, FarPositions, ModelRope, PositionScheme, RotaryTable};
 use crate::spec::{Params, SpecPart};
@@ -18,13 +26,15 @@ pub struct SelfExtend {
     group: usize,
     window: usize,
     trained_ctx: usize,
+    block: bool,
 }
 
 pub fn build(part: &SpecPart, base: &Base, n_ctx: usize) -> Result<Box<dyn PositionScheme>> {
     let mut params = Params::new(part);
     let group: usize = params.get("group", 4)?;
     let window: usize = params.get("window", 512)?;
-    params.finish(&["group", "window"])?;
+    let block = params.choice("mode", &["exact", "block"])? == "block";
+    params.finish(&["group", "window", "mode"])?;
     let trained = base.trained_ctx;
     if group == 0 {
         return Err(Error::InvalidOption(format!(
@@ -46,6 +56,7 @@ pub fn build(part: &SpecPart, base: &Base, n_ctx: usize) -> Result<Box<dyn Posit
         group,
         window,
         trained_ctx: trained,
+        block,
     };
     let reach = scheme.reach_tokens();
     if n_ctx > reach {
@@ -84,13 +95,67 @@ impl PositionScheme for SelfExtend {
         self.rope.fill_table(positions, seq_len, freqs, table);
     }
 
+    fn group_blocks(&self) -> Option<GroupBlocks> {
+        self.block.then_some(GroupBlocks {
+            group: self.group as i32,
+            window: self.window as i32,
+        })
+    }
+
     fn far(&self) -> Option<FarPositions> {
+        if self.block {
+            return None;
+        }
         let (g, w) = (self.group as i32, self.window as i32);
         Some(FarPositions {
             distance: w,
             group: g,
             query_offset: w - w / g,
         })
+    }
+}
+
+/// Self-Extend's block mode: how cached tokens are regrouped between chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupBlocks {
+    pub group: i32,
+    pub window: i32,
+}
+
+impl GroupBlocks {
+    /// llama.cpp's loop, run before each chunk: while the next position has passed a window
+    /// beyond the grouped range, shift the cached positions up, divide one block of `window` by
+    /// `group` and close the gap behind it. `positions` holds every cached token's position
+    /// (edited in place), `next` the position the next token takes and `grouped` the end of the
+    /// grouped range (llama.cpp's `n_past` and `ga_i`). Returns whether anything moved.
+    pub fn regroup(&self, positions: &mut [i32], next: &mut i32, grouped: &mut i32) -> bool {
+        let (g, w) = (self.group, self.window);
+        let mut moved = false;
+        while *next >= *grouped + w {
+            let ib = g * *grouped / w;
+            let bd = (w / g) * (g - 1);
+            let dd = w / g - ib * bd - w;
+            let start = *grouped + ib * bd;
+            shift(positions, *grouped..*next, ib * bd);
+            for p in positions
+                .iter_mut()
+                .filter(|p| (start..start + w).contains(*p))
+            {
+                *p /= g;
+            }
+            shift(positions, start + w..*next + ib * bd, dd);
+            *next -= bd;
+            *grouped += w / g;
+            moved = true;
+        }
+        moved
+    }
+}
+
+/// Adds `delta` to the positions in `range` (llama.cpp's `seq_add`).
+fn shift(positions: &mut [i32], range: std::ops::Range<i32>, delta: i32) {
+    for p in positions.iter_mut().filter(|p| range.contains(*p)) {
+        *p += delta;
     }
 }
 
@@ -149,6 +214,69 @@ mod tests {
         );
     }
 
+    /// Feeds `n` tokens `chunk` at a time, regrouping before each chunk as the session does.
+    fn feed_blocks(blocks: GroupBlocks, n: i32, chunk: i32) -> (Vec<i32>, i32) {
+        let (mut positions, mut next, mut grouped) = (Vec::new(), 0, 0);
+        let mut fed = 0;
+        while fed < n {
+            blocks.regroup(&mut positions, &mut next, &mut grouped);
+            let c = chunk.min(n - fed);
+            positions.extend(next..next + c);
+            next += c;
+            fed += c;
+        }
+        (positions, next)
+    }
+
+    /// G = 2, W = 4, 14 tokens: every completed block of 4 past the grouped range is grouped,
+    /// token t at ⌊t/2⌋ (0 0 1 1 … 5 5, tokens 0–11); tokens 12 and 13 carry on densely at 6
+    /// and 7. With G = 4, W = 8 and 40 tokens, tokens 0–31 sit at ⌊t/4⌋ and 32–39 at 8–15.
+    #[test]
+    fn block_mode_groups_completed_blocks_as_llama_cpp_does() {
+        let small = GroupBlocks {
+            group: 2,
+            window: 4,
+        };
+        let expected = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 7];
+        for chunk in [1, 3, 14] {
+            let (positions, next) = feed_blocks(small, 14, chunk);
+            if chunk == 14 {
+                // One chunk: nothing to regroup before it.
+                assert_eq!(positions, (0..14).collect::<Vec<_>>());
+            } else {
+                assert_eq!(
+                    (positions.as_slice(), next),
+                    (&expected[..], 8),
+                    "chunk {chunk}"
+                );
+            }
+        }
+        let (positions, next) = feed_blocks(
+            GroupBlocks {
+                group: 4,
+                window: 8,
+            },
+            40,
+            1,
+        );
+        let expected: Vec<i32> = (0..32).map(|t| t / 4).chain(8..16).collect();
+        assert_eq!((positions, next), (expected, 16));
+        let s = build(
+            &"self_extend:group=4,window=8,mode=block".parse().unwrap(),
+            &base(64),
+            200,
+        )
+        .unwrap();
+        assert_eq!(s.far(), None);
+        assert_eq!(
+            s.group_blocks(),
+            Some(GroupBlocks {
+                group: 4,
+                window: 8
+            })
+        );
+    }
+
     #[test]
     fn bad_parameters_say_what_is_wrong() {
         for (spec, n_ctx, needle) in [
@@ -162,6 +290,7 @@ mod tests {
                 "reaches 1664 tokens ((trained 512 − window 128)·group 4 + window 128), but the context is 2048; raise group to at least 5",
             ),
             ("self_extend:groups=4", 512, "no parameter `groups`"),
+            ("self_extend:mode=blocks", 512, "`mode=blocks` for `self_extend`: choose one of exact, block"),
         ] {
             let err = match build(&spec.parse().unwrap(), &base(512), n_ctx) {
                 Ok(_) => panic!("{spec} was accepted"),
