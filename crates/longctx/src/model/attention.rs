@@ -149,6 +149,15 @@ pub struct QueryRow<'a> {
     pub q: &'a [f32],
     pub visible: usize,
     pub out: &'a mut [f32],
+    /// Self-Extend, STRING: the first `slots` slots are scored by this query against the far
+    /// keys instead, as in [`FarQuery`].
+    pub far: Option<FarRow<'a>>,
+}
+
+#[derive(Clone, Copy)]
+pub struct FarRow<'a> {
+    pub q: &'a [f32],
+    pub slots: usize,
 }
 
 thread_local! {
@@ -161,6 +170,7 @@ thread_local! {
 struct BlockScratch {
     queries: Vec<f32>,
     tile: Vec<f32>,
+    far_tile: Vec<f32>,
     acc: Vec<f32>,
 }
 
@@ -172,7 +182,9 @@ struct BlockScratch {
 /// once for all the rows; scores come eight keys at a time, their horizontal sums transposed
 /// into one vector (the same tree, so the same bits), and each lane of p·V stays in registers
 /// across the tile. `scores` holds at least `rows × stride` values ([`block_stride`]); on
-/// return row r's softmax weights are `scores[r·stride..][..visible]`.
+/// return row r's softmax weights are `scores[r·stride..][..visible]`. Rows with a far part
+/// score it against `far_keys`, laid out as the cache's keys.
+#[allow(clippy::too_many_arguments)]
 pub fn attend_block(
     cache: &KvCache,
     layer: usize,
@@ -181,6 +193,7 @@ pub fn attend_block(
     scale: f32,
     scores: &mut [f32],
     reduction: Reduction,
+    far_keys: Option<&KvData>,
 ) {
     let d = cache.head_dim;
     assert!(d <= MAX_HEAD_DIM, "head size {d} above {MAX_HEAD_DIM}");
@@ -191,35 +204,54 @@ pub fn attend_block(
     let f16_cache = matches!(cache.k, KvData::F16(_));
     BLOCK.with(|block| {
         let block = &mut *block.borrow_mut();
-        grow(&mut block.queries, rows.len() * d);
+        grow(&mut block.queries, 2 * rows.len() * d);
         grow(&mut block.tile, TILE * d);
         grow(&mut block.acc, rows.len() * kqv_lanes * d);
-        let queries = &mut block.queries[..rows.len() * d];
-        for (qr, row) in queries.chunks_mut(d).zip(rows.iter()) {
-            qr.copy_from_slice(row.q);
-            // `mul_mat` converts the query to the cache type first.
+        // Each row's query, then its far query (if any), as `mul_mat` sees them: converted to
+        // the cache type first.
+        let queries = &mut block.queries[..2 * rows.len() * d];
+        for (qr, row) in queries.chunks_mut(2 * d).zip(rows.iter()) {
+            let (near, far) = qr.split_at_mut(d);
+            near.copy_from_slice(row.q);
+            if let Some(f) = row.far {
+                far.copy_from_slice(f.q);
+            }
             if f16_cache {
                 round_to_f16(qr);
             }
         }
         for tile in (0..stride).step_by(TILE) {
-            let keys = widen(
-                &cache.k,
-                base,
-                tile,
-                (tile + TILE).min(stride),
-                d,
-                &mut block.tile,
-            );
+            let tile_end = (tile + TILE).min(stride);
+            let BlockScratch {
+                tile: near_buffer,
+                far_tile: far_buffer,
+                ..
+            } = block;
+            let keys = widen(&cache.k, base, tile, tile_end, d, near_buffer);
+            let far_tile = match far_keys {
+                Some(far) if rows.iter().any(|r| r.far.is_some_and(|f| f.slots > tile)) => {
+                    grow(far_buffer, TILE * d);
+                    widen(far, base, tile, tile_end, d, far_buffer)
+                }
+                _ => &[],
+            };
             for ((row, s), q) in rows
                 .iter()
                 .zip(scores.chunks_mut(stride))
-                .zip(queries.chunks(d))
+                .zip(queries.chunks(2 * d))
             {
                 let end = (tile + TILE).min(row.visible);
-                if end > tile {
-                    score_tile(q, keys, d, kq_lanes, f16_cache, scale, &mut s[tile..end]);
+                if end <= tile {
+                    continue;
                 }
+                let split = row.far.map_or(tile, |f| f.slots.clamp(tile, end));
+                let (near_q, far_q) = q.split_at(d);
+                let (far_s, near_s) = s[tile..end].split_at_mut(split - tile);
+                if !far_s.is_empty() {
+                    score_tile(far_q, far_tile, d, kq_lanes, f16_cache, scale, far_s);
+                }
+                let near_keys = &keys[(split - tile) * d..];
+                score_tile(near_q, near_keys, d, kq_lanes, f16_cache, scale, near_s);
             }
         }
         for (row, s) in rows.iter().zip(scores.chunks_mut(stride)) {
@@ -960,8 +992,8 @@ mod tests {
     }
 
     /// The blocked path must give every query exactly what [`attend`] gives it alone, across
-    /// tile edges, for both cache types, both reductions and head sizes with and without the
-    /// SIMD kernels.
+    /// tile edges, for both cache types, both reductions, head sizes with and without the SIMD
+    /// kernels, and with far queries whose split falls anywhere (scored against other keys).
     #[test]
     fn a_block_of_queries_attends_bit_for_bit_as_each_alone() {
         let mut rng = 0x2545_f491u32;
@@ -973,38 +1005,71 @@ mod tests {
         for dtype in [KvDtype::F16, KvDtype::F32] {
             for d in [64usize, 48, 128] {
                 let mut cache = KvCache::new(dtype, 2, 2, d, slots);
-                cache
-                    .push_slots(&(0..slots as i32).collect::<Vec<_>>())
-                    .unwrap();
-                for layer in 0..2 {
-                    for head in 0..2 {
-                        for j in 0..slots {
-                            let k: Vec<f32> = (0..d).map(|_| next()).collect();
-                            let v: Vec<f32> = (0..d).map(|_| next()).collect();
-                            cache.write(layer, head, j, &k, &v);
+                let mut far_cache = KvCache::new(dtype, 2, 2, d, slots);
+                for c in [&mut cache, &mut far_cache] {
+                    c.push_slots(&(0..slots as i32).collect::<Vec<_>>())
+                        .unwrap();
+                    for layer in 0..2 {
+                        for head in 0..2 {
+                            for j in 0..slots {
+                                let k: Vec<f32> = (0..d).map(|_| next()).collect();
+                                let v: Vec<f32> = (0..d).map(|_| next()).collect();
+                                c.write(layer, head, j, &k, &v);
+                            }
                         }
                     }
                 }
                 let visible = [1usize, 15, 16, 17, TILE, TILE + 1, slots - 1, slots, 203];
-                let queries: Vec<Vec<f32>> = visible
+                let far_slots = [1usize, 0, 9, 17, 100, TILE, TILE + 5, 0, 203];
+                let queries: Vec<(Vec<f32>, Vec<f32>)> = visible
                     .iter()
-                    .map(|_| (0..d).map(|_| next()).collect())
+                    .map(|_| {
+                        let q = (0..d).map(|_| next()).collect();
+                        (q, (0..d).map(|_| next()).collect())
+                    })
                     .collect();
-                for reduction in [Reduction::Gemm, Reduction::VecDot] {
+                for (reduction, with_far) in [
+                    (Reduction::Gemm, false),
+                    (Reduction::VecDot, false),
+                    (Reduction::Gemm, true),
+                ] {
+                    let case = |v: usize| {
+                        format!("{dtype:?} d={d} {reduction:?} far={with_far} visible={v}")
+                    };
                     let scale = 1.0 / (d as f32).sqrt();
                     let mut outs = vec![vec![0f32; d]; visible.len()];
                     let mut rows: Vec<QueryRow> = queries
                         .iter()
-                        .zip(&visible)
+                        .zip(visible.iter().zip(&far_slots))
                         .zip(outs.iter_mut())
-                        .map(|((q, &visible), out)| QueryRow { q, visible, out })
+                        .map(|(((q, far_q), (&visible, &slots)), out)| QueryRow {
+                            q,
+                            visible,
+                            out,
+                            far: with_far.then_some(FarRow { q: far_q, slots }),
+                        })
                         .collect();
                     let stride = block_stride(&rows);
                     let mut block_scores = vec![0f32; rows.len() * stride];
-                    attend_block(&cache, 1, 1, &mut rows, scale, &mut block_scores, reduction);
-                    for (r, (q, &visible)) in queries.iter().zip(&visible).enumerate() {
+                    let far_keys = with_far.then_some(&far_cache.k);
+                    attend_block(
+                        &cache,
+                        1,
+                        1,
+                        &mut rows,
+                        scale,
+                        &mut block_scores,
+                        reduction,
+                        far_keys,
+                    );
+                    for (r, ((q, far_q), &visible)) in queries.iter().zip(&visible).enumerate() {
                         let mut scores = vec![0f32; visible];
                         let mut out = vec![0f32; d];
+                        let far = with_far.then_some(FarQuery {
+                            slots: far_slots[r],
+                            q: far_q,
+                            keys: &far_cache.k,
+                        });
                         attend(
                             &cache,
                             1,
@@ -1015,13 +1080,12 @@ mod tests {
                             &mut scores,
                             &mut out,
                             reduction,
-                            None,
+                            far,
                         );
-                        let case = format!("{dtype:?} d={d} {reduction:?} visible={visible}");
                         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                        assert_eq!(bits(&outs[r]), bits(&out), "{case}");
+                        assert_eq!(bits(&outs[r]), bits(&out), "{}", case(visible));
                         let weights = &block_scores[r * stride..][..visible];
-                        assert_eq!(bits(weights), bits(&scores), "{case}");
+                        assert_eq!(bits(weights), bits(&scores), "{}", case(visible));
                     }
                 }
             }

@@ -8,7 +8,8 @@
 use crate::gguf::Gguf;
 use crate::kv::{AttentionObserver, KvCache, KvData};
 use crate::model::attention::{
-    attend, attend_block, block_stride, FarQuery, QueryRow, Reduction, BLOCK_TOKENS, MAX_HEAD_DIM,
+    attend, attend_block, block_stride, FarQuery, FarRow, QueryRow, Reduction, BLOCK_TOKENS,
+    MAX_HEAD_DIM,
 };
 use crate::model::config::{Architecture, Config};
 use crate::model::swiglu::swiglu;
@@ -463,23 +464,15 @@ fn attention(
     scores: &[std::sync::Mutex<Vec<f32>>],
     observer: Option<&dyn AttentionObserver>,
 ) {
+    if input.positions.len() >= 2 {
+        return attention_blocks(c, pool, cache, input, out, scores, observer);
+    }
     let (hd, group) = (c.head_dim, c.n_head / c.n_kv_head);
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    if input.far.is_none() && input.positions.len() >= 2 {
-        return attention_blocks(c, pool, cache, input, out, scores, observer);
-    }
     let pairs = c.n_head * input.positions.len();
     let reduction = Reduction::for_chunk(input.positions.len());
-    let far_keys: Option<&KvData> = input.far.map(|(map, _)| {
-        if map.moves_keys() {
-            cache
-                .grouped_keys()
-                .expect("the session keeps grouped keys")
-        } else {
-            &cache.k
-        }
-    });
+    let far_keys = far_keys(cache, &input);
     pool.run(&|index, n| {
         let mut scratch = match scores[index].lock() {
             Ok(g) => g,
@@ -524,6 +517,20 @@ fn attention(
     });
 }
 
+/// The keys a far query is scored against: the grouped keys where the far map moves keys
+/// (Self-Extend), the plain ones where it moves only the query (STRING).
+fn far_keys<'a>(cache: &'a KvCache, input: &AttentionInput) -> Option<&'a KvData> {
+    input.far.map(|(map, _)| {
+        if map.moves_keys() {
+            cache
+                .grouped_keys()
+                .expect("the session keeps grouped keys")
+        } else {
+            &cache.k
+        }
+    })
+}
+
 /// Queries of a chunk that take [`attend_block`] together: up to [`BLOCK_TOKENS`] tokens times
 /// the query heads that share a KV head (single-token chunks attend one query at a time).
 fn block_rows(c: &Config, max_tokens: usize) -> usize {
@@ -531,8 +538,8 @@ fn block_rows(c: &Config, max_tokens: usize) -> usize {
     tokens * (c.n_head / c.n_kv_head)
 }
 
-/// [`attention`] for chunks of two or more tokens without a far query: each unit of work is
-/// one KV head and a block of consecutive tokens, whose queries read its cache together.
+/// [`attention`] for chunks of two or more tokens: each unit of work is one KV head and a
+/// block of consecutive tokens, whose queries read its cache together.
 fn attention_blocks(
     c: &Config,
     pool: &ThreadPool,
@@ -548,6 +555,7 @@ fn attention_blocks(
     let t = input.positions.len();
     let units = t.div_ceil(BLOCK_TOKENS) * c.n_kv_head;
     let reduction = Reduction::for_chunk(t);
+    let far_keys = far_keys(cache, &input);
     pool.run(&|index, n| {
         let mut scratch = match scores[index].lock() {
             Ok(g) => g,
@@ -559,11 +567,17 @@ fn attention_blocks(
             let tokens = block * BLOCK_TOKENS..((block + 1) * BLOCK_TOKENS).min(t);
             rows.clear();
             for i in tokens.clone() {
+                let visible = input.first_slot + i + 1;
                 for h in kv_head * group..(kv_head + 1) * group {
                     let at = (i * c.n_head + h) * hd;
+                    let far = input.far.map(|(map, far_q)| FarRow {
+                        q: &far_q[at..at + hd],
+                        slots: map.far_slots(&cache.positions()[..visible], input.positions[i]),
+                    });
                     rows.push(QueryRow {
                         q: &input.q[at..at + hd],
-                        visible: input.first_slot + i + 1,
+                        visible,
+                        far,
                         // SAFETY: each (token, head) pair owns its `hd` outputs and belongs to
                         // one unit, handled by one thread.
                         out: unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(at), hd) },
@@ -578,6 +592,7 @@ fn attention_blocks(
                 scale,
                 &mut scratch,
                 reduction,
+                far_keys,
             );
             if let Some(obs) = observer {
                 let stride = block_stride(&rows);
