@@ -264,6 +264,9 @@ impl Session {
     /// Self-Extend's block mode: moves completed blocks of cached tokens to grouped positions
     /// before the next chunk, re-rotating their keys by the change (a pure rotation).
     fn regroup_cache(&mut self, blocks: GroupBlocks) {
+        if !blocks.due(self.next_position, self.grouped_until) {
+            return;
+        }
         let mut positions = self.cache.positions().to_vec();
         if blocks.regroup(
             &mut positions,

@@ -424,22 +424,7 @@ fn weighted_sum(
     out: &mut [f32],
 ) {
     acc.fill(0.0);
-    accumulate(v, base, d, p, 0, lanes, acc);
-    reduce_lanes(acc, d, lanes, out);
-}
-
-/// Adds `p[j]·v` of the slots `first..first + p.len()` (counted from the head's slot 0 at `base`)
-/// to lane `slot % lanes` of `acc`, continuing each lane's FMA chain in slot order.
-fn accumulate(
-    v: &KvData,
-    base: usize,
-    d: usize,
-    p: &[f32],
-    first: usize,
-    lanes: usize,
-    acc: &mut [f32],
-) {
-    for (j, &pj) in (first..).zip(p) {
+    for (j, &pj) in p.iter().enumerate() {
         let row = &mut acc[(j % lanes) * d..(j % lanes + 1) * d];
         let at = base + j * d;
         match v {
@@ -452,6 +437,7 @@ fn accumulate(
             }
         }
     }
+    reduce_lanes(acc, d, lanes, out);
 }
 
 /// Sums the lanes of `acc` (its used rows, `[rows][D]`) into `out` by the halving tree; lanes

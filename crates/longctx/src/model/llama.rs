@@ -474,10 +474,7 @@ fn attention(
     let reduction = Reduction::for_chunk(input.positions.len());
     let far_keys = far_keys(cache, &input);
     pool.run(&|index, n| {
-        let mut scratch = match scores[index].lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut scratch = lock(&scores[index]);
         for pair in split_range(pairs, index, n) {
             let (i, h) = (pair / c.n_head, pair % c.n_head);
             let at = (i * c.n_head + h) * hd;
@@ -515,6 +512,13 @@ fn attention(
             }
         }
     });
+}
+
+/// A thread's score scratch; a panic elsewhere leaves nothing in it worth refusing.
+fn lock(scratch: &std::sync::Mutex<Vec<f32>>) -> std::sync::MutexGuard<'_, Vec<f32>> {
+    scratch
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The keys a far query is scored against: the grouped keys where the far map moves keys
@@ -557,10 +561,7 @@ fn attention_blocks(
     let reduction = Reduction::for_chunk(t);
     let far_keys = far_keys(cache, &input);
     pool.run(&|index, n| {
-        let mut scratch = match scores[index].lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut scratch = lock(&scores[index]);
         let mut rows = Vec::with_capacity(BLOCK_TOKENS * group);
         for unit in split_range(units, index, n) {
             let (block, kv_head) = (unit / c.n_kv_head, unit % c.n_kv_head);

@@ -123,6 +123,12 @@ pub struct GroupBlocks {
 }
 
 impl GroupBlocks {
+    /// Whether [`GroupBlocks::regroup`] has a block to move: the next position has passed a
+    /// window beyond the grouped range (so most chunks skip copying the positions at all).
+    pub fn due(&self, next: i32, grouped: i32) -> bool {
+        next >= grouped + self.window
+    }
+
     /// llama.cpp's loop, run before each chunk: while the next position has passed a window
     /// beyond the grouped range, shift the cached positions up, divide one block of `window` by
     /// `group` and close the gap behind it. `positions` holds every cached token's position
@@ -131,7 +137,7 @@ impl GroupBlocks {
     pub fn regroup(&self, positions: &mut [i32], next: &mut i32, grouped: &mut i32) -> bool {
         let (g, w) = (self.group, self.window);
         let mut moved = false;
-        while *next >= *grouped + w {
+        while self.due(*next, *grouped) {
             let ib = g * *grouped / w;
             let bd = (w / g) * (g - 1);
             let dd = w / g - ib * bd - w;
