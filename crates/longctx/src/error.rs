@@ -42,10 +42,16 @@ pub enum Error {
     ChatTemplate(String),
     #[error("the prompt is empty; give some text with --prompt or --file")]
     EmptyPrompt,
-    #[error("the prompt has {tokens} tokens plus {reserve} to generate, but the context holds {ctx}; shorten the prompt, lower --max-tokens or raise --ctx")]
+    #[error("the prompt has {tokens} tokens plus {reserve} to generate, but the context holds {ctx}; shorten the prompt, lower --max-tokens, raise --ctx, or bound the cache with a KV policy (e.g. --kv snapkv:budget=1024)")]
     ContextOverflow {
         tokens: usize,
         reserve: usize,
+        ctx: usize,
+    },
+    #[error("with --kv {policy} the cache would hold up to {peak} tokens (its budget, a prefill chunk and the tokens generated), but the context holds {ctx}; raise --ctx, lower the budget or --chunk, or lower --max-tokens")]
+    PolicyOverflow {
+        policy: String,
+        peak: usize,
         ctx: usize,
     },
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]

@@ -65,14 +65,7 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
     }
-    let tokens = session.n_past() + prompt.len();
-    if tokens + max_tokens > session.n_ctx() {
-        return Err(Error::ContextOverflow {
-            tokens,
-            reserve: max_tokens,
-            ctx: session.n_ctx(),
-        });
-    }
+    session.check_fits(prompt.len(), max_tokens)?;
     // The session is borrowed mutably for every forward pass; the tokenizer lives in the shared
     // model, so hold the model separately.
     let model = Arc::clone(&session.model);

@@ -5,7 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::gguf::Gguf;
-use crate::kv::{AttentionObserver, KvCache};
+use crate::kv::policy::{AfterChunk, ChunkInfo, Phase};
+use crate::kv::{AttentionObserver, KvCache, KvPolicy, Shape};
 use crate::model::{forward, Chunk, Config, FarScratch, Scratch, Weights};
 use crate::positions::{GroupBlocks, ModelRope, PositionScheme};
 use crate::spec::Spec;
@@ -133,6 +134,38 @@ pub struct Session {
     /// the length (empty otherwise).
     cached_frequencies: Vec<f64>,
     observer: Option<Arc<dyn AttentionObserver + Send>>,
+    policy: Box<dyn KvPolicy>,
+}
+
+/// How a call feeds its tokens.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Feeding {
+    /// A prompt: the policy compresses between chunks and after the last.
+    Prompt,
+    /// One generated token.
+    Decode,
+    /// Tokens the policy neither sees nor compresses (the question of kvpress's query-agnostic
+    /// protocol, appended after the context was compressed).
+    Uncompressed,
+    /// The question fed after a chunk of context only to guide its compression (Finch).
+    Guide,
+}
+
+/// The external observer and the policy, both told of the weights they ask for.
+struct Observers<'a>(&'a [&'a dyn AttentionObserver]);
+
+impl AttentionObserver for Observers<'_> {
+    fn wants(&self, layer: usize, position: i32) -> bool {
+        self.0.iter().any(|o| o.wants(layer, position))
+    }
+
+    fn observe(&self, layer: usize, head: usize, kv_head: usize, position: i32, w: &[f32]) {
+        for o in self.0 {
+            if o.wants(layer, position) {
+                o.observe(layer, head, kv_head, position, w);
+            }
+        }
+    }
 }
 
 impl Session {
@@ -155,7 +188,16 @@ impl Session {
         };
         let rope = crate::positions::resolve(&options.rope, &model)?;
         let scheme = crate::positions::scheme_for(&rope, &model, n_ctx)?;
-        crate::kv::check_policy(&options.kv)?;
+        let policy = crate::kv::build_policy(&options.kv, &Shape::of(c))?;
+        if policy.repositions() && (scheme.group_blocks().is_some() || scheme.varies_with_length())
+        {
+            return Err(Error::InvalidOption(format!(
+                "--kv {} moves cached tokens to new positions, and so does --rope {}; \
+                 use one of them, or a static scheme (linear, ntk, yarn, …) with this policy",
+                policy.spec(),
+                options.rope
+            )));
+        }
         let far = scheme.far();
         let grouped_keys = far.filter(|f| f.moves_keys());
         check_memory(
@@ -195,25 +237,86 @@ impl Session {
             frequencies: Vec::new(),
             cached_frequencies: Vec::new(),
             observer: None,
+            policy,
         })
     }
 
-    /// Feeds tokens (chunked); returns the logits of the last one.
+    /// The KV policy's spec with every parameter resolved.
+    pub fn policy_spec(&self) -> String {
+        self.policy.spec()
+    }
+
+    /// Checks, before any work, that feeding `prompt` more tokens and generating `generated`
+    /// after them fits the cache under its policy.
+    pub fn check_fits(&self, prompt: usize, generated: usize) -> Result<()> {
+        let tokens = self.cache.len() + prompt;
+        let peak = self
+            .policy
+            .peak_slots(tokens, self.options.chunk_size, generated);
+        if peak <= self.options.n_ctx {
+            return Ok(());
+        }
+        if self.options.kv.is("full") {
+            return Err(Error::ContextOverflow {
+                tokens,
+                reserve: generated,
+                ctx: self.options.n_ctx,
+            });
+        }
+        Err(Error::PolicyOverflow {
+            policy: self.policy.spec(),
+            peak,
+            ctx: self.options.n_ctx,
+        })
+    }
+
+    /// Feeds a prompt (chunked, the KV policy compressing between chunks); returns the logits
+    /// of its last token.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&[f32]> {
-        self.feed(tokens, None)?;
+        self.feed(tokens, None, Feeding::Prompt)?;
         Ok(&self.logits)
     }
 
-    /// Feeds tokens and returns logits for every one of them, row-major `[tokens, vocab]`.
+    /// Feeds a prompt and returns logits for every one of its tokens, row-major
+    /// `[tokens, vocab]`.
     pub fn prefill_all_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let mut all = vec![0.0; tokens.len() * self.model.config.vocab];
-        self.feed(tokens, Some(&mut all))?;
+        self.feed(tokens, Some(&mut all), Feeding::Prompt)?;
         Ok(all)
     }
 
-    /// Feeds one token; returns its logits.
+    /// Feeds tokens that the KV policy neither observes nor compresses: kvpress's
+    /// query-agnostic protocol compresses the context alone, then appends the question so.
+    pub fn prefill_uncompressed(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        self.feed(tokens, None, Feeding::Uncompressed)?;
+        Ok(&self.logits)
+    }
+
+    /// Feeds a context and the question about it (query-aware): as one prompt, except for
+    /// question-guided policies (Finch), which see the question after every chunk of the
+    /// context and compress that chunk by the question's attention before the next comes.
+    pub fn prefill_guided(&mut self, context: &[u32], question: &[u32]) -> Result<&[f32]> {
+        if !self.policy.question_guided() || question.is_empty() {
+            let whole = [context, question].concat();
+            return self.prefill(&whole);
+        }
+        if context.is_empty() {
+            return self.prefill(question);
+        }
+        self.policy
+            .begin(self.cache.len() + context.len() + question.len());
+        for chunk in context.chunks(self.options.chunk_size) {
+            self.feed(chunk, None, Feeding::Uncompressed)?;
+            self.feed(question, None, Feeding::Guide)?;
+        }
+        self.feed(question, None, Feeding::Prompt)?;
+        Ok(&self.logits)
+    }
+
+    /// Feeds one generated token; returns its logits.
     pub fn decode(&mut self, token: u32) -> Result<&[f32]> {
-        self.prefill(&[token])
+        self.feed(&[token], None, Feeding::Decode)?;
+        Ok(&self.logits)
     }
 
     /// Logits of the last token fed.
@@ -255,6 +358,7 @@ impl Session {
 
     /// Empties the cache.
     pub fn reset(&mut self) {
+        self.policy.reset();
         self.cache.clear();
         self.cached_frequencies.clear();
         self.next_position = 0;
@@ -267,16 +371,22 @@ impl Session {
         if !blocks.due(self.next_position, self.grouped_until) {
             return;
         }
-        let mut positions = self.cache.positions().to_vec();
+        // The regrouping is a function of each position alone, so every head's list (which a
+        // policy may have thinned differently) moves by the same rule.
+        let (next, grouped) = (self.next_position, self.grouped_until);
+        let remap = |positions: &mut [i32]| {
+            blocks.regroup(positions, &mut next.clone(), &mut grouped.clone());
+        };
+        let mut scratch = Vec::new();
         if blocks.regroup(
-            &mut positions,
+            &mut scratch,
             &mut self.next_position,
             &mut self.grouped_until,
         ) {
             self.scheme
                 .frequencies(self.next_position as usize, &mut self.frequencies);
             self.cache
-                .reposition(&positions, &self.frequencies, self.model.config.rope_style);
+                .reposition(&remap, &self.frequencies, self.model.config.rope_style);
         }
     }
 
@@ -285,9 +395,7 @@ impl Session {
     fn rerotate_cache(&mut self, seq_len: usize) {
         self.scheme.frequencies(seq_len, &mut self.frequencies);
         if !self.cache.is_empty() && self.cached_frequencies != self.frequencies {
-            let slots = self.cache.len();
             self.cache.change_frequencies(
-                slots,
                 &self.cached_frequencies,
                 &self.frequencies,
                 self.model.config.rope_style,
@@ -296,7 +404,12 @@ impl Session {
         self.cached_frequencies.clone_from(&self.frequencies);
     }
 
-    fn feed(&mut self, tokens: &[u32], mut all_logits: Option<&mut [f32]>) -> Result<()> {
+    fn feed(
+        &mut self,
+        tokens: &[u32],
+        mut all_logits: Option<&mut [f32]>,
+        feeding: Feeding,
+    ) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::EmptyPrompt);
         }
@@ -304,28 +417,51 @@ impl Session {
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
             return Err(Error::BadToken { id, vocab });
         }
-        if self.cache.len() + tokens.len() > self.cache.capacity() {
-            return Err(Error::ContextOverflow {
-                tokens: self.cache.len() + tokens.len(),
-                reserve: 0,
-                ctx: self.cache.capacity(),
-            });
+        match feeding {
+            Feeding::Prompt => self.check_fits(tokens.len(), 0)?,
+            _ if self.cache.len() + tokens.len() > self.cache.capacity() => {
+                return Err(Error::ContextOverflow {
+                    tokens: self.cache.len() + tokens.len(),
+                    reserve: 0,
+                    ctx: self.cache.capacity(),
+                })
+            }
+            _ => {}
         }
+        if feeding == Feeding::Prompt {
+            self.policy.begin(self.cache.len() + tokens.len());
+        }
+        let compress = matches!(feeding, Feeding::Prompt | Feeding::Decode | Feeding::Guide);
         let model = self.model.clone();
         let mut done = 0;
         for chunk in tokens.chunks(self.options.chunk_size) {
             if let Some(blocks) = self.scheme.group_blocks() {
                 self.regroup_cache(blocks);
             }
+            let last = done + chunk.len() == tokens.len();
+            let phase = match feeding {
+                Feeding::Decode => Phase::Decode,
+                _ if last => Phase::PrefillEnd,
+                _ => Phase::Prefill,
+            };
+            let start = self.next_position;
+            let end = start + chunk.len() as i32;
+            if compress {
+                self.policy.before_chunk(&ChunkInfo {
+                    phase,
+                    positions: start..end,
+                    cache_len_after: self.cache.len() + chunk.len(),
+                    guide: feeding == Feeding::Guide,
+                });
+            }
             self.positions.clear();
-            self.positions
-                .extend((0..chunk.len() as i32).map(|i| self.next_position + i));
+            self.positions.extend(start..end);
             // The sequence length a dynamic scheme sees: the highest position so far, plus one.
-            let seq_len = (self.next_position as usize) + chunk.len();
+            let seq_len = end as usize;
             if self.scheme.varies_with_length() {
                 self.rerotate_cache(seq_len);
             }
-            let slots = self.cache.push_slots(&self.positions)?;
+            self.cache.push_slots(&self.positions)?;
             self.scheme.fill_table(
                 &self.positions,
                 seq_len,
@@ -341,7 +477,6 @@ impl Session {
                     &self.scratch.rotary,
                 );
             }
-            let last = done + chunk.len() == tokens.len();
             let (rows, out): (std::ops::Range<usize>, &mut [f32]) = match all_logits.as_deref_mut()
             {
                 Some(all) => (
@@ -354,13 +489,23 @@ impl Session {
             let chunk = Chunk {
                 tokens: chunk,
                 positions: &self.positions,
-                slots,
                 logit_rows: rows,
             };
-            let observer = self
+            let policy: &dyn AttentionObserver = self.policy.as_ref();
+            let external = self
                 .observer
                 .as_deref()
                 .map(|o| o as &dyn AttentionObserver);
+            let (both, observers);
+            let observer = match (compress, external) {
+                (true, Some(external)) => {
+                    both = [policy, external];
+                    observers = Observers(&both);
+                    Some(&observers as &dyn AttentionObserver)
+                }
+                (true, None) => Some(policy),
+                (false, external) => external,
+            };
             forward(
                 &model.weights,
                 &model.config,
@@ -371,8 +516,20 @@ impl Session {
                 observer,
                 out,
             );
-            self.next_position += chunk.tokens.len() as i32;
+            self.next_position = end;
             done += chunk.tokens.len();
+            if compress {
+                let step = AfterChunk {
+                    phase,
+                    guide: feeding == Feeding::Guide,
+                    next_position: end,
+                    frequencies: &self.frequencies,
+                    rope_style: model.config.rope_style,
+                };
+                if let Some(next) = self.policy.after_chunk(&mut self.cache, &step) {
+                    self.next_position = next;
+                }
+            }
         }
         if let Some(all) = all_logits {
             self.logits

@@ -240,7 +240,7 @@ fn self_extend_block_mode_moves_cached_keys_to_exactly_their_grouped_positions()
     let mut own = session(&model, "none", 512);
     own.prefill(&ids).unwrap();
     let (grouped, plain) = (block.cache(), own.cache());
-    let positions = grouped.positions();
+    let positions = grouped.positions(0, 0);
     // Completed blocks of 64 sit at ⌊t/4⌋; the trailing tokens carry on densely.
     assert_eq!(&positions[..8], &[0, 0, 0, 0, 1, 1, 1, 1]);
     assert!(positions.windows(2).all(|w| w[0] <= w[1]));

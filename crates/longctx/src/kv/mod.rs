@@ -9,25 +9,62 @@
 //! key tensor of the same layout, kept in step with the first by every operation here.
 
 mod observer;
+pub mod policy;
+pub mod snapkv;
+pub mod streaming;
 
-/// Every policy `--kv` can name. The compression policies join this list as they land.
-pub const POLICIES: &[&str] = &["full"];
+pub use policy::{KvPolicy, Shape};
 
-/// Checks that a `--kv` spec names a policy the engine has, with valid parameters.
-pub fn check_policy(spec: &Spec) -> Result<()> {
+/// A KV policy's name, what it does, and how to build it from its spec.
+pub struct PolicyEntry {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub build: fn(&SpecPart, &Shape) -> Result<Box<dyn KvPolicy>>,
+}
+
+/// Every policy `--kv` can name.
+pub const POLICIES: &[PolicyEntry] = &[
+    PolicyEntry {
+        name: "full",
+        about: "keep every token (default)",
+        build: |part, _| {
+            Params::new(part).finish(&[])?;
+            Ok(Box::new(policy::Full))
+        },
+    },
+    PolicyEntry {
+        name: "streaming",
+        about: "StreamingLLM: attention sinks + recent window, positions inside the cache",
+        build: streaming::build,
+    },
+    PolicyEntry {
+        name: "snapkv",
+        about: "SnapKV: observation-window votes, pooled, top-k per KV head",
+        build: snapkv::build,
+    },
+];
+
+/// The policy a `--kv` spec names, with its parameters checked.
+pub fn build_policy(spec: &Spec, shape: &Shape) -> Result<Box<dyn KvPolicy>> {
     let [part] = spec.parts.as_slice() else {
         return Err(Error::InvalidOption(format!(
-            "`{spec}` composes several KV policies, but only one policy is implemented yet"
+            "`{spec}` composes several KV policies; only an eviction policy followed by \
+             `+kivi:…` composes"
         )));
     };
-    match part.name.as_str() {
-        "full" => Params::new(part).finish(&[]),
-        other => Err(Error::UnknownMethod {
+    let entry = POLICIES
+        .iter()
+        .find(|e| e.name == part.name)
+        .ok_or_else(|| Error::UnknownMethod {
             kind: "KV policy",
-            name: other.to_string(),
-            known: POLICIES.join(", "),
-        }),
-    }
+            name: part.name.clone(),
+            known: POLICIES
+                .iter()
+                .map(|e| e.name)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    (entry.build)(part, shape)
 }
 
 pub use observer::AttentionObserver;
@@ -35,7 +72,7 @@ pub use observer::AttentionObserver;
 use half::f16;
 
 use crate::positions::{RopeStyle, RotaryTable};
-use crate::spec::{Params, Spec};
+use crate::spec::{Params, Spec, SpecPart};
 use crate::{Error, Result};
 
 /// Element type of the cache.
@@ -80,6 +117,18 @@ impl KvData {
         }
     }
 
+    fn read(&self, at: usize, out: &mut [f32]) {
+        let n = out.len();
+        match self {
+            Self::F16(d) => {
+                for (o, v) in out.iter_mut().zip(&d[at..at + n]) {
+                    *o = v.to_f32();
+                }
+            }
+            Self::F32(d) => out.copy_from_slice(&d[at..at + n]),
+        }
+    }
+
     fn copy_within(&mut self, from: usize, to: usize, len: usize) {
         match self {
             Self::F16(d) => d.copy_within(from..from + len, to),
@@ -89,17 +138,22 @@ impl KvData {
 }
 
 /// Cached keys and values of one sequence.
+///
+/// Every KV head of a layer holds the same number of slots, so attention's visible count is the
+/// layer's; but each head may hold different tokens (SnapKV selects per KV head), and each layer
+/// a different number of them (PyramidKV), so positions are kept per layer and head.
 pub struct KvCache {
     pub dtype: KvDtype,
     pub n_layer: usize,
     pub n_kv_head: usize,
     pub head_dim: usize,
     capacity: usize,
-    len: usize,
+    /// Slots in use, per layer.
+    lens: Vec<usize>,
     pub k: KvData,
     pub v: KvData,
-    /// Position each slot's key was rotated at.
-    positions: Vec<i32>,
+    /// Position each slot's key was rotated at, per `layer * n_kv_head + head`.
+    positions: Vec<Vec<i32>>,
     grouped: Option<GroupedKeys>,
 }
 
@@ -124,10 +178,12 @@ impl KvCache {
             n_kv_head,
             head_dim,
             capacity,
-            len: 0,
+            lens: vec![0; n_layer],
             k: KvData::zeros(dtype, n),
             v: KvData::zeros(dtype, n),
-            positions: Vec::with_capacity(capacity),
+            positions: (0..n_layer * n_kv_head)
+                .map(|_| Vec::with_capacity(capacity))
+                .collect(),
             grouped: None,
         }
     }
@@ -148,21 +204,37 @@ impl KvCache {
         self.grouped.as_ref().map(|g| &g.k)
     }
 
-    /// Slots in use.
+    /// Slots in use in the fullest layer.
     pub fn len(&self) -> usize {
-        self.len
+        self.lens.iter().copied().max().unwrap_or(0)
+    }
+
+    /// Slots in use in `layer` (every KV head of a layer holds as many).
+    pub fn layer_len(&self, layer: usize) -> usize {
+        self.lens[layer]
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
-    pub fn positions(&self) -> &[i32] {
-        &self.positions
+    /// Positions of the tokens `head` of `layer` holds, slot by slot (ascending).
+    pub fn positions(&self, layer: usize, head: usize) -> &[i32] {
+        &self.positions[layer * self.n_kv_head + head]
+    }
+
+    /// One slot's key, widened to f32.
+    pub fn read_key(&self, layer: usize, head: usize, slot: usize, out: &mut [f32]) {
+        self.k.read(self.offset(layer, head, slot), out);
+    }
+
+    /// One slot's value, widened to f32.
+    pub fn read_value(&self, layer: usize, head: usize, slot: usize, out: &mut [f32]) {
+        self.v.read(self.offset(layer, head, slot), out);
     }
 
     /// What [`KvCache::new`] with these arguments will reserve, with grouped keys or without.
@@ -181,7 +253,8 @@ impl KvCache {
     /// Bytes held by the slots in use (keys, grouped keys if kept, and values; all layers).
     pub fn bytes_in_use(&self) -> usize {
         let tensors = if self.grouped.is_some() { 3 } else { 2 };
-        tensors * self.n_layer * self.n_kv_head * self.len * self.head_dim * self.dtype.bytes()
+        let slots: usize = self.lens.iter().sum();
+        tensors * self.n_kv_head * slots * self.head_dim * self.dtype.bytes()
     }
 
     /// Bytes reserved for the whole capacity.
@@ -208,20 +281,25 @@ impl KvCache {
         )
     }
 
-    /// Reserves `n` slots at the end for tokens at `positions`; layers then fill them with
-    /// [`KvCache::write`]. Fails rather than overwrite when the cache is full.
-    pub fn push_slots(&mut self, positions: &[i32]) -> Result<std::ops::Range<usize>> {
-        let start = self.len;
-        if start + positions.len() > self.capacity {
+    /// Reserves slots at the end of every layer for tokens at `positions`; layer l then fills
+    /// slots `layer_len(l) - n..layer_len(l)` with [`KvCache::write`]. Fails rather than
+    /// overwrite when the cache is full.
+    pub fn push_slots(&mut self, positions: &[i32]) -> Result<()> {
+        let needed = self.len() + positions.len();
+        if needed > self.capacity {
             return Err(Error::ContextOverflow {
-                tokens: start + positions.len(),
+                tokens: needed,
                 reserve: 0,
                 ctx: self.capacity,
             });
         }
-        self.positions.extend_from_slice(positions);
-        self.len += positions.len();
-        Ok(start..self.len)
+        for list in &mut self.positions {
+            list.extend_from_slice(positions);
+        }
+        for len in &mut self.lens {
+            *len += positions.len();
+        }
+        Ok(())
     }
 
     /// Stores one head's key and value for one slot.
@@ -244,87 +322,136 @@ impl KvCache {
     /// Keeps only the slots listed (ascending) in every layer and head, compacting them to the
     /// front: evicted tokens give their memory back to the next tokens.
     pub fn retain(&mut self, keep: &[usize]) {
-        debug_assert!(keep.windows(2).all(|w| w[0] < w[1]));
         for layer in 0..self.n_layer {
             for head in 0..self.n_kv_head {
-                for (to, &from) in keep.iter().enumerate() {
-                    if to != from {
-                        let (src, dst) =
-                            (self.offset(layer, head, from), self.offset(layer, head, to));
-                        self.k.copy_within(src, dst, self.head_dim);
-                        self.v.copy_within(src, dst, self.head_dim);
-                        if let Some(g) = &mut self.grouped {
-                            g.k.copy_within(src, dst, self.head_dim);
-                        }
-                    }
+                self.retain_head(layer, head, keep);
+            }
+            self.lens[layer] = keep.len();
+        }
+    }
+
+    /// Keeps, in `layer`, the slots `keep[head]` (ascending) of each KV head: heads may keep
+    /// different tokens, but as many each.
+    pub fn retain_layer(&mut self, layer: usize, keep: &[Vec<usize>]) {
+        assert_eq!(keep.len(), self.n_kv_head, "one slot list per KV head");
+        let kept = keep[0].len();
+        assert!(
+            keep.iter().all(|k| k.len() == kept),
+            "every KV head of a layer keeps as many slots"
+        );
+        for (head, slots) in keep.iter().enumerate() {
+            self.retain_head(layer, head, slots);
+        }
+        self.lens[layer] = kept;
+    }
+
+    fn retain_head(&mut self, layer: usize, head: usize, keep: &[usize]) {
+        let len = self.lens[layer];
+        assert!(
+            keep.windows(2).all(|w| w[0] < w[1]) && keep.last().is_none_or(|&s| s < len),
+            "kept slots ascending and in use"
+        );
+        for (to, &from) in keep.iter().enumerate() {
+            if to != from {
+                let (src, dst) = (self.offset(layer, head, from), self.offset(layer, head, to));
+                self.k.copy_within(src, dst, self.head_dim);
+                self.v.copy_within(src, dst, self.head_dim);
+                if let Some(g) = &mut self.grouped {
+                    g.k.copy_within(src, dst, self.head_dim);
                 }
             }
         }
-        self.positions = keep.iter().map(|&i| self.positions[i]).collect();
-        self.len = keep.len();
-    }
-
-    /// Moves the tokens in the cache to `new_positions` (one per slot) by rotating every stored
-    /// key by the difference between its new and old position. Rotations compose, so this equals
-    /// rotating the original key at the new position, and no scheme's cos/sin factor is applied a
-    /// second time: the delta rotation uses factor 1. Grouped keys move by the change of their
-    /// grouped position, ⌊new/G⌋ − ⌊old/G⌋.
-    pub fn reposition(&mut self, new_positions: &[i32], freqs: &[f64], style: RopeStyle) {
-        assert_eq!(
-            new_positions.len(),
-            self.len,
-            "one new position per cached token"
-        );
-        let plain: Vec<i32> = new_positions
-            .iter()
-            .zip(&self.positions)
-            .map(|(n, o)| n - o)
-            .collect();
-        self.shift_keys(false, &plain, freqs, style);
-        if let Some(group) = self.grouped.as_ref().map(|g| g.group) {
-            let grouped: Vec<i32> = new_positions
-                .iter()
-                .zip(&self.positions)
-                .map(|(n, o)| n.div_euclid(group) - o.div_euclid(group))
-                .collect();
-            self.shift_keys(true, &grouped, freqs, style);
+        let positions = &mut self.positions[layer * self.n_kv_head + head];
+        for (to, &from) in keep.iter().enumerate() {
+            positions[to] = positions[from];
         }
-        self.positions.copy_from_slice(new_positions);
+        positions.truncate(keep.len());
     }
 
-    /// Rotates the plain or grouped key of every slot by its `deltas` entry (positions).
-    fn shift_keys(&mut self, grouped: bool, deltas: &[i32], freqs: &[f64], style: RopeStyle) {
+    /// Moves the tokens in the cache to new positions by rotating every stored key by the
+    /// difference between its new and old position. `remap` turns a head's position list into
+    /// the new one, in place (it sees each layer's and head's list, which differ once a policy
+    /// has kept different tokens per head). Rotations compose, so this equals rotating the
+    /// original key at the new position, and no scheme's cos/sin factor is applied a second
+    /// time: the delta rotation uses factor 1. Grouped keys move by the change of their grouped
+    /// position, ⌊new/G⌋ − ⌊old/G⌋.
+    pub fn reposition(&mut self, remap: &dyn Fn(&mut [i32]), freqs: &[f64], style: RopeStyle) {
+        let group = self.grouped.as_ref().map(|g| g.group);
         let mut table = RotaryTable::default();
-        table.fill(deltas, freqs, 1.0);
-        let moved: Vec<usize> = (0..self.len).filter(|&slot| deltas[slot] != 0).collect();
-        self.rotate_keys(grouped, &moved, &table, style);
+        let (mut new, mut deltas) = (Vec::new(), Vec::new());
+        for layer in 0..self.n_layer {
+            for head in 0..self.n_kv_head {
+                let old = &self.positions[layer * self.n_kv_head + head];
+                new.clone_from(old);
+                remap(&mut new);
+                deltas.clear();
+                deltas.extend(new.iter().zip(old).map(|(n, o)| n - o));
+                self.shift_keys(layer, head, false, &deltas, &mut table, freqs, style);
+                if let Some(group) = group {
+                    let old = &self.positions[layer * self.n_kv_head + head];
+                    deltas.clear();
+                    deltas.extend(
+                        new.iter()
+                            .zip(old)
+                            .map(|(n, o)| n.div_euclid(group) - o.div_euclid(group)),
+                    );
+                    self.shift_keys(layer, head, true, &deltas, &mut table, freqs, style);
+                }
+                self.positions[layer * self.n_kv_head + head].copy_from_slice(&new);
+            }
+        }
     }
 
-    /// Re-rotates the keys of the first `slots` slots from frequencies `old` to `new` (dynamic
-    /// schemes whose frequencies change as the sequence grows): the angle of pair i moves by
+    /// Rotates the plain or grouped key of every slot of one head by its `deltas` entry.
+    #[allow(clippy::too_many_arguments)]
+    fn shift_keys(
+        &mut self,
+        layer: usize,
+        head: usize,
+        grouped: bool,
+        deltas: &[i32],
+        table: &mut RotaryTable,
+        freqs: &[f64],
+        style: RopeStyle,
+    ) {
+        if deltas.iter().all(|&d| d == 0) {
+            return;
+        }
+        table.fill(deltas, freqs, 1.0);
+        let moved: Vec<usize> = (0..deltas.len()).filter(|&s| deltas[s] != 0).collect();
+        self.rotate_keys(layer, head, grouped, &moved, table, style);
+    }
+
+    /// Re-rotates every cached key from frequencies `old` to `new` (dynamic schemes whose
+    /// frequencies change as the sequence grows): the angle of pair i moves by
     /// position · (new_i − old_i), a pure rotation with factor 1, so each key ends as if it had
     /// been rotated at its position with `new` in the first place. Grouped keys turn by their
     /// grouped position.
-    pub fn change_frequencies(&mut self, slots: usize, old: &[f64], new: &[f64], style: RopeStyle) {
+    pub fn change_frequencies(&mut self, old: &[f64], new: &[f64], style: RopeStyle) {
         let deltas: Vec<f64> = new.iter().zip(old).map(|(n, o)| n - o).collect();
-        let all: Vec<usize> = (0..slots).collect();
         let mut table = RotaryTable::default();
-        table.fill(&self.positions[..slots], &deltas, 1.0);
-        self.rotate_keys(false, &all, &table, style);
-        if let Some(group) = self.grouped.as_ref().map(|g| g.group) {
-            let grouped: Vec<i32> = self.positions[..slots]
-                .iter()
-                .map(|p| p.div_euclid(group))
-                .collect();
-            table.fill(&grouped, &deltas, 1.0);
-            self.rotate_keys(true, &all, &table, style);
+        for layer in 0..self.n_layer {
+            let all: Vec<usize> = (0..self.lens[layer]).collect();
+            for head in 0..self.n_kv_head {
+                let positions = &self.positions[layer * self.n_kv_head + head];
+                table.fill(positions, &deltas, 1.0);
+                self.rotate_keys(layer, head, false, &all, &table, style);
+                if let Some(group) = self.grouped.as_ref().map(|g| g.group) {
+                    let positions = &self.positions[layer * self.n_kv_head + head];
+                    let grouped: Vec<i32> = positions.iter().map(|p| p.div_euclid(group)).collect();
+                    table.fill(&grouped, &deltas, 1.0);
+                    self.rotate_keys(layer, head, true, &all, &table, style);
+                }
+            }
         }
     }
 
-    /// Rotates the plain or grouped key of each slot in `slots` (all layers and heads) by row
-    /// `slot` of `table`.
+    /// Rotates the plain or grouped key of each slot in `slots` of one head by row `slot` of
+    /// `table`.
     fn rotate_keys(
         &mut self,
+        layer: usize,
+        head: usize,
         grouped: bool,
         slots: &[usize],
         table: &RotaryTable,
@@ -340,31 +467,29 @@ impl KvCache {
             }
         };
         let mut key = vec![0f32; d];
-        for layer in 0..self.n_layer {
-            for head in 0..n_kv_head {
-                for &slot in slots {
-                    let at = offset(n_kv_head, capacity, d, layer, head, slot);
-                    match keys {
-                        KvData::F16(k) => {
-                            for (o, v) in key.iter_mut().zip(&k[at..at + d]) {
-                                *o = v.to_f32();
-                            }
-                            table.rotate(&mut key, slot, style);
-                            for (o, &v) in k[at..at + d].iter_mut().zip(&key) {
-                                *o = f16::from_f32(v);
-                            }
-                        }
-                        KvData::F32(k) => table.rotate(&mut k[at..at + d], slot, style),
+        for &slot in slots {
+            let at = offset(n_kv_head, capacity, d, layer, head, slot);
+            match keys {
+                KvData::F16(k) => {
+                    for (o, v) in key.iter_mut().zip(&k[at..at + d]) {
+                        *o = v.to_f32();
+                    }
+                    table.rotate(&mut key, slot, style);
+                    for (o, &v) in k[at..at + d].iter_mut().zip(&key) {
+                        *o = f16::from_f32(v);
                     }
                 }
+                KvData::F32(k) => table.rotate(&mut k[at..at + d], slot, style),
             }
         }
     }
 
     /// Drops everything.
     pub fn clear(&mut self) {
-        self.len = 0;
-        self.positions.clear();
+        self.lens.fill(0);
+        for list in &mut self.positions {
+            list.clear();
+        }
     }
 }
 
@@ -387,8 +512,8 @@ mod tests {
     #[test]
     fn retain_compacts_every_head_and_keeps_positions() {
         let mut c = KvCache::new(KvDtype::F32, 2, 2, 4, 8);
-        let slots = c.push_slots(&[10, 11, 12, 13]).unwrap();
-        for s in slots {
+        c.push_slots(&[10, 11, 12, 13]).unwrap();
+        for s in 0..4 {
             for l in 0..2 {
                 for h in 0..2 {
                     let v = [(s * 100 + l * 10 + h) as f32; 4];
@@ -398,7 +523,7 @@ mod tests {
         }
         c.retain(&[0, 2, 3]);
         assert_eq!(c.len(), 3);
-        assert_eq!(c.positions(), &[10, 12, 13]);
+        assert_eq!(c.positions(1, 0), &[10, 12, 13]);
         let KvData::F32(k) = &c.k else { unreachable!() };
         assert_eq!(k[c.offset(1, 1, 1)], 211.0);
         assert_eq!(k[c.offset(0, 1, 2)], 301.0);
@@ -423,8 +548,8 @@ mod tests {
         c.push_slots(&[40, 900]).unwrap();
         c.write(0, 0, 0, &rotated_at(40), &raw);
         c.write(0, 0, 1, &rotated_at(900), &raw);
-        c.reposition(&[3, 4], &freqs, RopeStyle::Normal);
-        assert_eq!(c.positions(), &[3, 4]);
+        c.reposition(&|p| p.copy_from_slice(&[3, 4]), &freqs, RopeStyle::Normal);
+        assert_eq!(c.positions(0, 0), &[3, 4]);
         let KvData::F32(k) = &c.k else { unreachable!() };
         for (slot, p) in [(0, 3), (1, 4)] {
             let at = c.offset(0, 0, slot);
@@ -449,7 +574,7 @@ mod tests {
         }
         c.retain(&[1, 2]);
         // Moving 41 → 7 and 90 → 8 moves their grouped keys from 10 → 1 and 22 → 2.
-        c.reposition(&[7, 8], &freqs, RopeStyle::Normal);
+        c.reposition(&|p| p.copy_from_slice(&[7, 8]), &freqs, RopeStyle::Normal);
         let (KvData::F32(k), Some(KvData::F32(g))) = (&c.k, c.grouped_keys()) else {
             unreachable!()
         };

@@ -7,8 +7,10 @@
 ///
 /// Called from the worker threads, concurrently, hence `Sync`: accumulate with atomics or a lock.
 pub trait AttentionObserver: Sync {
-    /// Whether the weights of the query at `position` in `layer` are wanted.
-    fn wants(&self, layer: usize, position: i32) -> bool;
+    /// Whether the weights of the query at `position` in `layer` are wanted (none by default).
+    fn wants(&self, _layer: usize, _position: i32) -> bool {
+        false
+    }
     /// The weights (summing to 1) of one query head over the visible cache slots, oldest first.
-    fn observe(&self, layer: usize, head: usize, kv_head: usize, position: i32, weights: &[f32]);
+    fn observe(&self, _layer: usize, _head: usize, _kv_head: usize, _position: i32, _: &[f32]) {}
 }

@@ -247,8 +247,6 @@ pub struct Chunk<'a> {
     pub tokens: &'a [u32],
     /// Position of each token (the rotary table is filled for these).
     pub positions: &'a [i32],
-    /// Cache slots reserved for the tokens, in order.
-    pub slots: std::ops::Range<usize>,
     /// Rows of the chunk whose logits are wanted.
     pub logit_rows: std::ops::Range<usize>,
 }
@@ -257,8 +255,9 @@ fn job<'a>(weight: &'a Weight, out: &'a mut [f32]) -> MatmulJob<'a> {
     MatmulJob { weight, out }
 }
 
-/// Runs a chunk through the model, appending its keys and values to `cache`, and writes the
-/// logits of `chunk.logit_rows` into `logits` (`[rows, V]`).
+/// Runs a chunk through the model, writing its keys and values into the last slots of each
+/// layer of `cache` (reserved with [`KvCache::push_slots`]), and writes the logits of
+/// `chunk.logit_rows` into `logits` (`[rows, V]`).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     w: &Weights,
@@ -279,6 +278,8 @@ pub fn forward(
             .dequantize_row(tok as usize, &mut s.x[i * e..(i + 1) * e]);
     }
     for (l, lw) in w.layers.iter().enumerate() {
+        // Layers may hold different numbers of tokens (PyramidKV): the chunk fills the end of each.
+        let first_slot = cache.layer_len(l) - t;
         // attention: project, rotate, cache, attend, project back
         rms_norm(&s.x[..t * e], &lw.attn_norm, c.rms_eps, &mut s.xn[..t * e]);
         let (q, k, v) = (&mut s.q[..t * qd], &mut s.k[..t * kvd], &mut s.v[..t * kvd]);
@@ -297,7 +298,7 @@ pub fn forward(
                 far.rotate_queries(&s.q[i * qd..(i + 1) * qd], i, c);
                 if far.map.moves_keys() {
                     let k = &s.k[i * kvd..(i + 1) * kvd];
-                    far.cache_grouped_keys(k, i, cache, l, chunk.slots.start + i, c);
+                    far.cache_grouped_keys(k, i, cache, l, first_slot + i, c);
                 }
             }
             for head in s.q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
@@ -308,12 +309,12 @@ pub fn forward(
             }
             for h in 0..c.n_kv_head {
                 let r = i * kvd + h * hd..i * kvd + (h + 1) * hd;
-                cache.write(l, h, chunk.slots.start + i, &s.k[r.clone()], &s.v[r]);
+                cache.write(l, h, first_slot + i, &s.k[r.clone()], &s.v[r]);
             }
         }
         let input = AttentionInput {
             layer: l,
-            first_slot: chunk.slots.start,
+            first_slot,
             positions: chunk.positions,
             q: &s.q[..t * qd],
             far: s.far.as_ref().map(|far| (far.map, &far.q[..t * qd])),
@@ -487,7 +488,10 @@ fn attention(
                 .far
                 .zip(far_keys)
                 .map(|((map, far_q), keys)| FarQuery {
-                    slots: map.far_slots(&cache.positions()[..visible], input.positions[i]),
+                    slots: map.far_slots(
+                        &cache.positions(input.layer, kv_head)[..visible],
+                        input.positions[i],
+                    ),
                     q: &far_q[at..at + hd],
                     keys,
                 });
@@ -573,7 +577,10 @@ fn attention_blocks(
                     let at = (i * c.n_head + h) * hd;
                     let far = input.far.map(|(map, far_q)| FarRow {
                         q: &far_q[at..at + hd],
-                        slots: map.far_slots(&cache.positions()[..visible], input.positions[i]),
+                        slots: map.far_slots(
+                            &cache.positions(input.layer, kv_head)[..visible],
+                            input.positions[i],
+                        ),
                     });
                     rows.push(QueryRow {
                         q: &input.q[at..at + hd],

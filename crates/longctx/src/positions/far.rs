@@ -117,7 +117,7 @@ mod tests {
         let (mut near_q, mut far_q) = (q.clone(), q.clone());
         near_table.rotate_query(&mut near_q, n - 1, RopeStyle::Normal);
         table(scheme.as_ref(), &[far.query(i)]).rotate_query(&mut far_q, 0, RopeStyle::Normal);
-        let slots = far.far_slots(cache.positions(), i);
+        let slots = far.far_slots(cache.positions(0, 0), i);
         let far_keys: &KvData = cache.grouped_keys().unwrap_or(&cache.k);
         let scale = 1.0 / (D as f32).sqrt();
         let (mut scores, mut out) = (vec![0.0; n], vec![0.0; D]);

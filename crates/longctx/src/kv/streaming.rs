@@ -1,0 +1,162 @@
+//! StreamingLLM — Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
+//! ICLR 2024 (arXiv 2309.17453); mit-han-lab/streaming-llm `kv_cache.py`, `pos_shift`.
+//!
+//! Keeps the first `sinks` tokens (the attention sinks) and the most recent `window`, evicting
+//! the middle after every chunk and every decoded token. As in the paper, positions are taken
+//! inside the cache: kept tokens move to slots 0, 1, … and the next token comes right after
+//! them, so the model never sees a distance above sinks + window. The paper re-rotates every
+//! cached key at every step; rotations compose, so moving each kept key by (new − old) once, on
+//! eviction, is the same (HF SinkCache and kvpress's KeyRerotationPress do this too).
+
+use super::policy::{AfterChunk, KvPolicy, Shape};
+use super::{AttentionObserver, KvCache};
+use crate::spec::{Params, SpecPart};
+use crate::{Error, Result};
+
+pub struct Streaming {
+    sinks: usize,
+    window: usize,
+}
+
+pub fn build(part: &SpecPart, _: &Shape) -> Result<Box<dyn KvPolicy>> {
+    let mut params = Params::new(part);
+    let sinks = params.get("sinks", 4usize)?;
+    let window = match params.optional::<usize>("window")? {
+        Some(w) => w,
+        // A budget names the whole cache, sinks included, like the other policies' budgets.
+        None => match params.optional::<usize>("budget")? {
+            Some(b) if b > sinks => b - sinks,
+            Some(b) => {
+                return Err(Error::InvalidOption(format!(
+                    "`streaming:budget={b}` leaves no room after its {sinks} sink tokens"
+                )))
+            }
+            None => 2044,
+        },
+    };
+    params.finish(&["sinks", "window", "budget"])?;
+    if window == 0 {
+        return Err(Error::InvalidOption(
+            "`streaming:window=0` keeps no recent token; the window must be at least 1".into(),
+        ));
+    }
+    Ok(Box::new(Streaming { sinks, window }))
+}
+
+impl Streaming {
+    /// Slots kept out of `len`: the sinks and the recent window.
+    fn kept(&self, len: usize) -> Vec<usize> {
+        (0..self.sinks.min(len))
+            .chain(len.saturating_sub(self.window).max(self.sinks)..len)
+            .collect()
+    }
+}
+
+impl AttentionObserver for Streaming {}
+
+impl KvPolicy for Streaming {
+    fn spec(&self) -> String {
+        format!("streaming:sinks={},window={}", self.sinks, self.window)
+    }
+
+    fn after_chunk(&mut self, cache: &mut KvCache, step: &AfterChunk) -> Option<i32> {
+        let len = cache.len();
+        if len <= self.sinks + self.window {
+            return None;
+        }
+        cache.retain(&self.kept(len));
+        cache.reposition(
+            &|positions| {
+                for (slot, p) in positions.iter_mut().enumerate() {
+                    *p = slot as i32;
+                }
+            },
+            step.frequencies,
+            step.rope_style,
+        );
+        Some(cache.len() as i32)
+    }
+
+    fn repositions(&self) -> bool {
+        true
+    }
+
+    fn peak_slots(&self, prompt: usize, chunk: usize, generated: usize) -> usize {
+        let budget = self.sinks + self.window;
+        super::policy::bounded_peak(budget, prompt, chunk, generated, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{KvData, KvDtype};
+    use crate::positions::{RopeStyle, RotaryTable};
+
+    #[test]
+    fn keeps_sinks_and_the_recent_window_and_moves_them_into_the_cache() {
+        let mut p = Streaming {
+            sinks: 2,
+            window: 3,
+        };
+        assert_eq!(p.kept(10), [0, 1, 7, 8, 9]);
+        assert_eq!(p.kept(4), [0, 1, 2, 3]);
+
+        let freqs = [0.5, 0.05];
+        let raw = [1.0f32, 0.0, 0.0, 1.0];
+        let rotated = |pos: i32| {
+            let mut t = RotaryTable::default();
+            t.fill(&[pos], &freqs, 1.0);
+            let mut k = raw.to_vec();
+            t.rotate(&mut k, 0, RopeStyle::Normal);
+            k
+        };
+        let mut cache = KvCache::new(KvDtype::F32, 1, 1, 4, 16);
+        let positions: Vec<i32> = (0..10).collect();
+        cache.push_slots(&positions).unwrap();
+        for (slot, &pos) in positions.iter().enumerate() {
+            cache.write(0, 0, slot, &rotated(pos), &[pos as f32; 4]);
+        }
+        let step = AfterChunk {
+            phase: super::super::policy::Phase::Decode,
+            guide: false,
+            next_position: 10,
+            frequencies: &freqs,
+            rope_style: RopeStyle::Normal,
+        };
+        assert_eq!(p.after_chunk(&mut cache, &step), Some(5));
+        assert_eq!(cache.positions(0, 0), [0, 1, 2, 3, 4]);
+        let (KvData::F32(k), KvData::F32(v)) = (&cache.k, &cache.v) else {
+            unreachable!()
+        };
+        for (slot, was) in [(2usize, 7.0f32), (4, 9.0)] {
+            let at = cache.offset(0, 0, slot);
+            assert_eq!(v[at], was, "slot {slot} holds the token that was at {was}");
+            for (a, b) in k[at..at + 4].iter().zip(rotated(slot as i32)) {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "slot {slot}: key as if rotated at {slot}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_window_covering_the_input_keeps_everything_in_place() {
+        let mut p = Streaming {
+            sinks: 4,
+            window: 100,
+        };
+        let mut cache = KvCache::new(KvDtype::F32, 1, 1, 4, 16);
+        cache.push_slots(&[0, 1, 2]).unwrap();
+        let step = AfterChunk {
+            phase: super::super::policy::Phase::Prefill,
+            guide: false,
+            next_position: 3,
+            frequencies: &[1.0, 1.0],
+            rope_style: RopeStyle::Normal,
+        };
+        assert_eq!(p.after_chunk(&mut cache, &step), None);
+        assert_eq!(cache.positions(0, 0), [0, 1, 2]);
+    }
+}
