@@ -66,6 +66,34 @@ pub fn generate(
         return Err(Error::EmptyPrompt);
     }
     session.check_fits(prompt.len(), max_tokens)?;
+    let start = Instant::now();
+    let logits = session.prefill(prompt)?.to_vec();
+    let prefill_seconds = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let (generated_tokens, finish_reason) =
+        continue_generation(session, sampler, prompt, &logits, max_tokens, on_text)?;
+    Ok(GenerationStats {
+        prompt_tokens: prompt.len(),
+        generated_tokens,
+        prefill_seconds,
+        decode_seconds: start.elapsed().as_secs_f64(),
+        kv_bytes: session.kv_bytes(),
+        finish_reason,
+    })
+}
+
+/// Generates up to `max_tokens` tokens after a prompt the caller has fed itself (as evaluation
+/// does when the context and the question go in separately): `logits` are the prompt's last
+/// token's, `prompt` its tokens, which the repetition penalty looks back over. Returns the
+/// number of tokens generated and why it stopped.
+pub fn continue_generation(
+    session: &mut Session,
+    sampler: &mut Sampler,
+    prompt: &[u32],
+    logits: &[f32],
+    max_tokens: usize,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<(usize, FinishReason)> {
     // The session is borrowed mutably for every forward pass; the tokenizer lives in the shared
     // model, so hold the model separately.
     let model = Arc::clone(&session.model);
@@ -73,12 +101,7 @@ pub fn generate(
     // The repetition penalty looks back over the prompt too, as llama.cpp's does.
     let mut history = Vec::with_capacity(prompt.len() + max_tokens);
     history.extend_from_slice(prompt);
-
-    let start = Instant::now();
-    let mut logits = session.prefill(prompt)?;
-    let prefill_seconds = start.elapsed().as_secs_f64();
-
-    let start = Instant::now();
+    let mut logits = logits;
     let mut decoder = StreamDecoder::new();
     let mut generated = 0;
     let mut finish_reason = FinishReason::Length;
@@ -100,14 +123,7 @@ pub fn generate(
     if !rest.is_empty() {
         on_text(&rest);
     }
-    Ok(GenerationStats {
-        prompt_tokens: prompt.len(),
-        generated_tokens: generated,
-        prefill_seconds,
-        decode_seconds: start.elapsed().as_secs_f64(),
-        kv_bytes: session.kv_bytes(),
-        finish_reason,
-    })
+    Ok((generated, finish_reason))
 }
 
 #[cfg(test)]

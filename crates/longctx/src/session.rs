@@ -189,6 +189,7 @@ impl Session {
         let rope = crate::positions::resolve(&options.rope, &model)?;
         let scheme = crate::positions::scheme_for(&rope, &model, n_ctx)?;
         let policy = crate::kv::build_policy(&options.kv, &Shape::of(c))?;
+        let kivi = crate::kv::build_kivi(&options.kv, &Shape::of(c))?;
         if policy.repositions() && (scheme.group_blocks().is_some() || scheme.varies_with_length())
         {
             return Err(Error::InvalidOption(format!(
@@ -199,9 +200,20 @@ impl Session {
             )));
         }
         let far = scheme.far();
+        if let (Some(kivi), Some(_)) = (&kivi, far) {
+            return Err(Error::InvalidOption(format!(
+                "--kv {}: --rope {} attends with a second, far query over the cached keys, \
+                 which reads them in full precision; use KIVI with a scheme without one (not \
+                 self_extend or string)",
+                kivi.spec(),
+                options.rope
+            )));
+        }
         let grouped_keys = far.filter(|f| f.moves_keys());
-        check_memory(
-            KvCache::bytes_for(
+        let chunk = options.chunk_size.min(n_ctx);
+        let kv_bytes = match &kivi {
+            Some(kivi) => kivi.bytes_for(options.kv_dtype, &Shape::of(c), n_ctx, chunk),
+            None => KvCache::bytes_for(
                 options.kv_dtype,
                 c.n_layer,
                 c.n_kv_head,
@@ -209,13 +221,15 @@ impl Session {
                 n_ctx,
                 grouped_keys.is_some(),
             ),
-            n_ctx,
-        )?;
+        };
+        check_memory(kv_bytes, n_ctx)?;
         let mut cache = KvCache::new(options.kv_dtype, c.n_layer, c.n_kv_head, c.head_dim, n_ctx);
         if let Some(f) = grouped_keys {
             cache.keep_grouped_keys(f.group);
         }
-        let chunk = options.chunk_size.min(n_ctx);
+        if let Some(kivi) = kivi {
+            cache.use_kivi(kivi);
+        }
         let mut scratch = Scratch::new(c, chunk, n_ctx, options.threads);
         scratch.far = far.map(|map| FarScratch::new(map, c, chunk));
         Ok(Self {
@@ -241,9 +255,12 @@ impl Session {
         })
     }
 
-    /// The KV policy's spec with every parameter resolved.
+    /// The KV policy's spec with every parameter resolved, KIVI's included.
     pub fn policy_spec(&self) -> String {
-        self.policy.spec()
+        match self.cache.kivi() {
+            Some(kivi) => format!("{}+{}", self.policy.spec(), kivi.spec()),
+            None => self.policy.spec(),
+        }
     }
 
     /// Checks, before any work, that feeding `prompt` more tokens and generating `generated`
@@ -256,7 +273,7 @@ impl Session {
         if peak <= self.options.n_ctx {
             return Ok(());
         }
-        if self.options.kv.is("full") {
+        if self.policy.spec() == "full" {
             return Err(Error::ContextOverflow {
                 tokens,
                 reserve: generated,
@@ -530,6 +547,7 @@ impl Session {
                     self.next_position = next;
                 }
             }
+            self.cache.settle();
         }
         if let Some(all) = all_logits {
             self.logits

@@ -8,10 +8,18 @@
 //! every key at a grouped position ⌊p/G⌋; the cache then holds those grouped keys too, in a second
 //! key tensor of the same layout, kept in step with the first by every operation here.
 
+pub mod finch;
+pub mod h2o;
+pub mod kivi;
+pub mod knorm;
 mod observer;
 pub mod policy;
+pub mod pyramid;
+pub mod scope;
 pub mod snapkv;
 pub mod streaming;
+pub mod tova;
+pub mod windowkv;
 
 pub use policy::{KvPolicy, Shape};
 
@@ -42,16 +50,55 @@ pub const POLICIES: &[PolicyEntry] = &[
         about: "SnapKV: observation-window votes, pooled, top-k per KV head",
         build: snapkv::build,
     },
+    PolicyEntry {
+        name: "h2o",
+        about: "H2O: heavy hitters by accumulated attention + recent window, also while decoding",
+        build: h2o::build,
+    },
+    PolicyEntry {
+        name: "tova",
+        about: "TOVA: keep what the newest query attends to most (averaged over heads)",
+        build: tova::build,
+    },
+    PolicyEntry {
+        name: "scope",
+        about: "SCOPE: SnapKV-compressed prompt kept whole + a sliding heavy-hitter decoding pool",
+        build: scope::build,
+    },
+    PolicyEntry {
+        name: "knorm",
+        about: "Knorm: keep the keys with the lowest L2 norm per KV head",
+        build: knorm::build,
+    },
+    PolicyEntry {
+        name: "pyramid",
+        about: "PyramidKV: SnapKV votes, per-layer budgets falling linearly with depth",
+        build: pyramid::build,
+    },
+    PolicyEntry {
+        name: "windowkv",
+        about: "WindowKV: whole windows of consecutive tokens, chosen once per group of layers",
+        build: windowkv::build,
+    },
+    PolicyEntry {
+        name: "finch",
+        about: "Finch: context chunks compressed by the question's votes, moved to the front",
+        build: finch::build,
+    },
 ];
 
-/// The policy a `--kv` spec names, with its parameters checked.
+/// The eviction policy a `--kv` spec names, with its parameters checked: the spec's first
+/// part, or `full` when the spec is `kivi:…` alone (see [`build_kivi`]).
 pub fn build_policy(spec: &Spec, shape: &Shape) -> Result<Box<dyn KvPolicy>> {
-    let [part] = spec.parts.as_slice() else {
-        return Err(Error::InvalidOption(format!(
-            "`{spec}` composes several KV policies; only an eviction policy followed by \
-             `+kivi:…` composes"
-        )));
+    let full = SpecPart {
+        name: "full".into(),
+        params: Vec::new(),
     };
+    let (eviction, kivi) = split_spec(spec)?;
+    if let Some(kivi) = kivi {
+        Kivi::from_spec(kivi, shape)?;
+    }
+    let part = eviction.unwrap_or(&full);
     let entry = POLICIES
         .iter()
         .find(|e| e.name == part.name)
@@ -61,12 +108,46 @@ pub fn build_policy(spec: &Spec, shape: &Shape) -> Result<Box<dyn KvPolicy>> {
             known: POLICIES
                 .iter()
                 .map(|e| e.name)
+                .chain(["kivi"])
                 .collect::<Vec<_>>()
                 .join(", "),
         })?;
     (entry.build)(part, shape)
 }
 
+/// The KIVI quantization a `--kv` spec asks for (`…+kivi:…` or `kivi:…`), if any.
+pub fn build_kivi(spec: &Spec, shape: &Shape) -> Result<Option<Kivi>> {
+    let (_, kivi) = split_spec(spec)?;
+    kivi.map(|part| Kivi::from_spec(part, shape)).transpose()
+}
+
+/// A `--kv` spec's eviction policy and KIVI part. Quantization stores what eviction keeps, so
+/// KIVI comes last, once, after at most one eviction policy.
+fn split_spec(spec: &Spec) -> Result<(Option<&SpecPart>, Option<&SpecPart>)> {
+    let refuse = |why: &str| {
+        Err(Error::InvalidOption(format!(
+            "`--kv {spec}`: {why}; write one eviction policy, optionally followed by \
+             `+kivi:…` (e.g. `snapkv:budget=1024+kivi:bits=4`), or `kivi:…` alone"
+        )))
+    };
+    match spec.parts.as_slice() {
+        [kivi] if kivi.name == "kivi" => Ok((None, Some(kivi))),
+        [eviction] => Ok((Some(eviction), None)),
+        [eviction, kivi] if kivi.name == "kivi" && eviction.name != "kivi" => {
+            Ok((Some(eviction), Some(kivi)))
+        }
+        parts if parts.iter().filter(|p| p.name == "kivi").count() > 1 => {
+            refuse("`kivi` is given more than once")
+        }
+        parts if parts[..parts.len() - 1].iter().any(|p| p.name == "kivi") => refuse(
+            "`kivi` quantizes what the eviction policy keeps, so it comes last, not before \
+             another method",
+        ),
+        _ => refuse("only one eviction policy can decide which tokens the cache keeps"),
+    }
+}
+
+pub use kivi::Kivi;
 pub use observer::AttentionObserver;
 
 use half::f16;
@@ -99,9 +180,10 @@ pub enum KvData {
 
 impl KvData {
     fn zeros(dtype: KvDtype, n: usize) -> Self {
-        // `vec![0; n]` comes from zeroed pages: memory is committed as the cache fills, not upfront.
+        // Zeroed pages: memory is committed as the cache fills, not upfront (which KIVI, whose
+        // full-precision rows stay at the front, relies on).
         match dtype {
-            KvDtype::F16 => Self::F16(vec![f16::ZERO; n]),
+            KvDtype::F16 => Self::F16(kivi::f16_zeros(n)),
             KvDtype::F32 => Self::F32(vec![0.0; n]),
         }
     }
@@ -142,6 +224,11 @@ impl KvData {
 /// Every KV head of a layer holds the same number of slots, so attention's visible count is the
 /// layer's; but each head may hold different tokens (SnapKV selects per KV head), and each layer
 /// a different number of them (PyramidKV), so positions are kept per layer and head.
+///
+/// With KIVI ([`KvCache::use_kivi`]) the first [`KvCache::quantized`] slots of a head live in a
+/// quantized store and slot s ≥ that count in row s − count of `k` and `v`, so the full-precision
+/// tensors only ever touch their first rows; [`KvCache::read_key`] and
+/// [`KvCache::read_value`] read any slot.
 pub struct KvCache {
     pub dtype: KvDtype,
     pub n_layer: usize,
@@ -155,6 +242,16 @@ pub struct KvCache {
     /// Position each slot's key was rotated at, per `layer * n_kv_head + head`.
     positions: Vec<Vec<i32>>,
     grouped: Option<GroupedKeys>,
+    kivi: Option<Box<kivi::QuantizedSlots>>,
+    /// Slots in the quantized store, per `layer * n_kv_head + head` (zero without KIVI).
+    quantized: Vec<usize>,
+}
+
+/// Which of a cache's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tensor {
+    Keys,
+    Values,
 }
 
 /// Every key rotated a second time, at ⌊position / group⌋ (Self-Extend's grouped keys).
@@ -185,6 +282,97 @@ impl KvCache {
                 .map(|_| Vec::with_capacity(capacity))
                 .collect(),
             grouped: None,
+            kivi: None,
+            quantized: vec![0; n_layer * n_kv_head],
+        }
+    }
+
+    /// Stores settled tokens KIVI-quantized from now on ([`KvCache::settle`]). Self-Extend's
+    /// grouped keys have no quantized store, so the two exclude each other.
+    pub fn use_kivi(&mut self, kivi: Kivi) {
+        assert!(self.is_empty(), "KIVI starts on an empty cache");
+        assert!(
+            self.grouped.is_none(),
+            "KIVI does not quantize grouped keys"
+        );
+        assert!(
+            self.head_dim.is_multiple_of(kivi.group)
+                && (self.head_dim * kivi.bits as usize).is_multiple_of(8),
+            "KIVI groups divide the head size and codes fill whole bytes"
+        );
+        let heads = self.n_layer * self.n_kv_head;
+        self.kivi = Some(Box::new(kivi::QuantizedSlots::new(
+            kivi,
+            heads,
+            self.head_dim,
+            self.capacity,
+        )));
+    }
+
+    /// The KIVI configuration, if the cache quantizes.
+    pub fn kivi(&self) -> Option<&Kivi> {
+        self.kivi.as_ref().map(|q| &q.kivi)
+    }
+
+    /// Slots of `head` in `layer` held quantized: the first ones.
+    pub fn quantized(&self, layer: usize, head: usize) -> usize {
+        self.quantized[layer * self.n_kv_head + head]
+    }
+
+    /// KIVI: quantizes, in whole groups, the tokens of every head older than the residual, and
+    /// moves the rest to the front of the full-precision rows. The session calls it after every
+    /// chunk, once the eviction policy has run; without KIVI it does nothing.
+    pub fn settle(&mut self) {
+        let Some(store) = &mut self.kivi else {
+            return;
+        };
+        let (g, d) = (store.kivi.group, self.head_dim);
+        let mut rows = std::mem::take(&mut store.scratch);
+        for layer in 0..self.n_layer {
+            let len = self.lens[layer];
+            let target = len.saturating_sub(store.kivi.residual) / g * g;
+            for head in 0..self.n_kv_head {
+                let index = layer * self.n_kv_head + head;
+                let done = self.quantized[index];
+                if target <= done {
+                    continue;
+                }
+                let row = |slot: usize| offset(self.n_kv_head, self.capacity, d, layer, head, slot);
+                for group in (done..target).step_by(g) {
+                    for (t, r) in rows.chunks_exact_mut(d).enumerate() {
+                        self.k.read(row(group - done + t), r);
+                    }
+                    store.quantize_keys(index, group / g, &rows);
+                    for (t, r) in rows.chunks_exact_mut(d).enumerate() {
+                        self.v.read(row(group - done + t), r);
+                        store.quantize_value(index, group + t, r);
+                    }
+                }
+                let rest = (len - target) * d;
+                self.k.copy_within(row(target - done), row(0), rest);
+                self.v.copy_within(row(target - done), row(0), rest);
+                self.quantized[index] = target;
+            }
+        }
+        store.scratch = rows;
+    }
+
+    /// The keys or values of `slots` (all quantized) of `head` in `layer`, dequantized into
+    /// `out` (`[slots][D]`).
+    pub fn dequantize(
+        &self,
+        tensor: Tensor,
+        layer: usize,
+        head: usize,
+        slots: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        assert!(slots.end <= self.quantized(layer, head), "quantized slots");
+        let store = self.kivi.as_ref().expect("the cache quantizes");
+        let index = layer * self.n_kv_head + head;
+        match tensor {
+            Tensor::Keys => store.dequantize_keys(index, slots, out),
+            Tensor::Values => store.dequantize_values(index, slots, out),
         }
     }
 
@@ -192,6 +380,7 @@ impl KvCache {
     /// the forward pass stores with [`KvCache::write_grouped_key`]. Costs one more key tensor.
     pub fn keep_grouped_keys(&mut self, group: i32) {
         assert!(group >= 1, "a group of at least 1 position");
+        assert!(self.kivi.is_none(), "KIVI does not quantize grouped keys");
         let n = self.n_layer * self.n_kv_head * self.capacity * self.head_dim;
         self.grouped = Some(GroupedKeys {
             group,
@@ -227,14 +416,26 @@ impl KvCache {
         &self.positions[layer * self.n_kv_head + head]
     }
 
-    /// One slot's key, widened to f32.
+    /// One slot's key, widened to f32 (dequantized if KIVI holds it).
     pub fn read_key(&self, layer: usize, head: usize, slot: usize, out: &mut [f32]) {
-        self.k.read(self.offset(layer, head, slot), out);
+        self.read(Tensor::Keys, layer, head, slot, out);
     }
 
-    /// One slot's value, widened to f32.
+    /// One slot's value, widened to f32 (dequantized if KIVI holds it).
     pub fn read_value(&self, layer: usize, head: usize, slot: usize, out: &mut [f32]) {
-        self.v.read(self.offset(layer, head, slot), out);
+        self.read(Tensor::Values, layer, head, slot, out);
+    }
+
+    fn read(&self, tensor: Tensor, layer: usize, head: usize, slot: usize, out: &mut [f32]) {
+        let quantized = self.quantized(layer, head);
+        if slot < quantized {
+            return self.dequantize(tensor, layer, head, slot..slot + 1, out);
+        }
+        let data = match tensor {
+            Tensor::Keys => &self.k,
+            Tensor::Values => &self.v,
+        };
+        data.read(self.offset(layer, head, slot - quantized), out);
     }
 
     /// What [`KvCache::new`] with these arguments will reserve, with grouped keys or without.
@@ -250,26 +451,36 @@ impl KvCache {
         tensors * n_layer * n_kv_head * capacity * head_dim * dtype.bytes()
     }
 
-    /// Bytes held by the slots in use (keys, grouped keys if kept, and values; all layers).
+    /// Bytes held by the slots in use (keys, grouped keys if kept, and values; all layers): with
+    /// KIVI, the quantized slots' codes, mins and scales plus the full-precision rows.
     pub fn bytes_in_use(&self) -> usize {
         let tensors = if self.grouped.is_some() { 3 } else { 2 };
-        let slots: usize = self.lens.iter().sum();
-        tensors * self.n_kv_head * slots * self.head_dim * self.dtype.bytes()
+        let slots: usize = self.lens.iter().sum::<usize>() * self.n_kv_head;
+        let quantized: usize = self.quantized.iter().sum();
+        let full = tensors * (slots - quantized) * self.head_dim * self.dtype.bytes();
+        let packed = self.kivi().map_or(0, |kivi| {
+            let bytes = |&q: &usize| kivi.quantized_bytes(self.head_dim, q);
+            self.quantized.iter().map(bytes).sum()
+        });
+        full + packed
     }
 
-    /// Bytes reserved for the whole capacity.
+    /// Bytes reserved for the whole capacity (the OS commits them as they are first written).
     pub fn bytes_reserved(&self) -> usize {
-        Self::bytes_for(
-            self.dtype,
-            self.n_layer,
-            self.n_kv_head,
-            self.head_dim,
-            self.capacity,
-            self.grouped.is_some(),
-        )
+        let store = self.kivi.as_ref().map_or(0, |q| q.bytes_reserved());
+        store
+            + Self::bytes_for(
+                self.dtype,
+                self.n_layer,
+                self.n_kv_head,
+                self.head_dim,
+                self.capacity,
+                self.grouped.is_some(),
+            )
     }
 
-    /// Start of `(layer, head, slot)` in `k` / `v`.
+    /// Start of row `slot` of `(layer, head)` in `k` / `v`: the slot itself without KIVI, the
+    /// slot minus [`KvCache::quantized`] with it.
     pub fn offset(&self, layer: usize, head: usize, slot: usize) -> usize {
         offset(
             self.n_kv_head,
@@ -302,9 +513,9 @@ impl KvCache {
         Ok(())
     }
 
-    /// Stores one head's key and value for one slot.
+    /// Stores one head's key and value for one slot (not a quantized one).
     pub fn write(&mut self, layer: usize, head: usize, slot: usize, key: &[f32], value: &[f32]) {
-        let at = self.offset(layer, head, slot);
+        let at = self.offset(layer, head, slot - self.quantized(layer, head));
         self.k.write(at, key);
         self.v.write(at, value);
     }
@@ -351,13 +562,17 @@ impl KvCache {
             keep.windows(2).all(|w| w[0] < w[1]) && keep.last().is_none_or(|&s| s < len),
             "kept slots ascending and in use"
         );
-        for (to, &from) in keep.iter().enumerate() {
-            if to != from {
-                let (src, dst) = (self.offset(layer, head, from), self.offset(layer, head, to));
-                self.k.copy_within(src, dst, self.head_dim);
-                self.v.copy_within(src, dst, self.head_dim);
-                if let Some(g) = &mut self.grouped {
-                    g.k.copy_within(src, dst, self.head_dim);
+        if self.quantized(layer, head) > 0 {
+            self.retain_quantized(layer, head, keep);
+        } else {
+            for (to, &from) in keep.iter().enumerate() {
+                if to != from {
+                    let (src, dst) = (self.offset(layer, head, from), self.offset(layer, head, to));
+                    self.k.copy_within(src, dst, self.head_dim);
+                    self.v.copy_within(src, dst, self.head_dim);
+                    if let Some(g) = &mut self.grouped {
+                        g.k.copy_within(src, dst, self.head_dim);
+                    }
                 }
             }
         }
@@ -366,6 +581,47 @@ impl KvCache {
             positions[to] = positions[from];
         }
         positions.truncate(keep.len());
+    }
+
+    /// [`KvCache::retain_head`] for a head with quantized slots. The kept quantized tokens come
+    /// first; whole key groups of them stay quantized ([`kivi::QuantizedSlots::compact`]), and
+    /// the few left over (less than a group) go back to full precision, before the kept
+    /// full-precision rows, where the next [`KvCache::settle`] takes them again.
+    fn retain_quantized(&mut self, layer: usize, head: usize, keep: &[usize]) {
+        let (d, index) = (self.head_dim, layer * self.n_kv_head + head);
+        let quantized = self.quantized[index];
+        let store = self.kivi.as_mut().expect("the cache quantizes");
+        let g = store.kivi.group;
+        let kept_quantized = keep.partition_point(|&s| s < quantized);
+        let still = kept_quantized / g * g;
+        let row = |slot: usize| offset(self.n_kv_head, self.capacity, d, layer, head, slot);
+        // The kept full-precision rows, read before the leftovers take their place.
+        let full = &keep[kept_quantized..];
+        let mut saved = vec![0f32; 2 * full.len() * d];
+        let (keys, values) = saved.split_at_mut(full.len() * d);
+        for ((&slot, k), v) in full
+            .iter()
+            .zip(keys.chunks_exact_mut(d))
+            .zip(values.chunks_exact_mut(d))
+        {
+            self.k.read(row(slot - quantized), k);
+            self.v.read(row(slot - quantized), v);
+        }
+        store.compact(index, &keep[..still]);
+        let mut kv = vec![0f32; 2 * d];
+        let (k, v) = kv.split_at_mut(d);
+        for (to, &slot) in keep[still..kept_quantized].iter().enumerate() {
+            store.dequantize_keys(index, slot..slot + 1, k);
+            store.dequantize_values(index, slot..slot + 1, v);
+            self.k.write(row(to), k);
+            self.v.write(row(to), v);
+        }
+        let first = kept_quantized - still;
+        for (i, (k, v)) in keys.chunks_exact(d).zip(values.chunks_exact(d)).enumerate() {
+            self.k.write(row(first + i), k);
+            self.v.write(row(first + i), v);
+        }
+        self.quantized[index] = still;
     }
 
     /// Moves the tokens in the cache to new positions by rotating every stored key by the
@@ -458,6 +714,13 @@ impl KvCache {
         style: RopeStyle,
     ) {
         let (d, n_kv_head, capacity) = (self.head_dim, self.n_kv_head, self.capacity);
+        let quantized = self.quantized[layer * n_kv_head + head];
+        let (in_store, slots) = slots.split_at(slots.partition_point(|&s| s < quantized));
+        if !in_store.is_empty() {
+            let store = self.kivi.as_mut().expect("the cache quantizes");
+            let index = layer * n_kv_head + head;
+            store.rewrite_keys(index, in_store, |slot, key| table.rotate(key, slot, style));
+        }
         // Borrows one key tensor mutably, so offsets come from the free function, not `self`.
         let keys = match &mut self.grouped {
             Some(g) if grouped => &mut g.k,
@@ -468,7 +731,7 @@ impl KvCache {
         };
         let mut key = vec![0f32; d];
         for &slot in slots {
-            let at = offset(n_kv_head, capacity, d, layer, head, slot);
+            let at = offset(n_kv_head, capacity, d, layer, head, slot - quantized);
             match keys {
                 KvData::F16(k) => {
                     for (o, v) in key.iter_mut().zip(&k[at..at + d]) {
@@ -487,6 +750,7 @@ impl KvCache {
     /// Drops everything.
     pub fn clear(&mut self) {
         self.lens.fill(0);
+        self.quantized.fill(0);
         for list in &mut self.positions {
             list.clear();
         }
@@ -598,5 +862,261 @@ mod tests {
             c.push_slots(&[2]),
             Err(Error::ContextOverflow { .. })
         ));
+    }
+
+    /// One token's key and value.
+    type Token = (Vec<f32>, Vec<f32>);
+
+    fn kivi(bits: u32, group: usize, residual: usize) -> Kivi {
+        Kivi {
+            bits,
+            group,
+            residual,
+        }
+    }
+
+    /// A value in [-4, 4) per call, rounded to f16 as the f16 cache stores it.
+    fn sampler(seed: u32) -> impl FnMut() -> f32 {
+        let mut rng = seed;
+        move || {
+            rng = rng.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            f16::from_f32(((rng >> 8) as f32 / (1 << 24) as f32 - 0.5) * 8.0).to_f32()
+        }
+    }
+
+    /// Appends `n` tokens to every layer and head with random keys and values; returns them,
+    /// `[layer][head][token]`, each `(key, value)`.
+    fn fill(c: &mut KvCache, n: usize, next: &mut impl FnMut() -> f32) -> Vec<Vec<Vec<Token>>> {
+        let first = c.len();
+        c.push_slots(&(first as i32..(first + n) as i32).collect::<Vec<_>>())
+            .unwrap();
+        (0..c.n_layer)
+            .map(|layer| {
+                (0..c.n_kv_head)
+                    .map(|head| {
+                        (first..first + n)
+                            .map(|slot| {
+                                let k: Vec<f32> = (0..c.head_dim).map(|_| next()).collect();
+                                let v: Vec<f32> = (0..c.head_dim).map(|_| next()).collect();
+                                c.write(layer, head, slot, &k, &v);
+                                (k, v)
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The largest difference between `slot`'s key and value and `(key, value)`.
+    fn error(c: &KvCache, layer: usize, head: usize, slot: usize, kv: &Token) -> f32 {
+        let mut got = vec![0f32; c.head_dim];
+        let mut worst = 0f32;
+        c.read_key(layer, head, slot, &mut got);
+        worst = got
+            .iter()
+            .zip(&kv.0)
+            .fold(worst, |w, (a, b)| w.max((a - b).abs()));
+        c.read_value(layer, head, slot, &mut got);
+        got.iter()
+            .zip(&kv.1)
+            .fold(worst, |w, (a, b)| w.max((a - b).abs()))
+    }
+
+    /// Half of an 8-bit step over values in [-4, 4).
+    const HALF_STEP_8: f32 = 4.0 / 255.0 + 1e-4;
+
+    #[test]
+    fn kivi_settles_old_tokens_in_whole_groups_behind_the_residual() {
+        let mut next = sampler(3);
+        let mut c = KvCache::new(KvDtype::F16, 2, 2, 8, 64);
+        c.use_kivi(kivi(8, 4, 6));
+        let mut tokens = fill(&mut c, 19, &mut next);
+        c.settle();
+        // 13 tokens are older than the residual of 6: three whole groups of 4.
+        assert_eq!(c.quantized(1, 1), 12);
+        for (more, quantized) in [(5, 16), (1, 16), (3, 20)] {
+            let added = fill(&mut c, more, &mut next);
+            for (all, new) in tokens.iter_mut().flatten().zip(added.into_iter().flatten()) {
+                all.extend(new);
+            }
+            c.settle();
+            assert_eq!(c.quantized(0, 1), quantized);
+            for (layer, heads) in tokens.iter().enumerate() {
+                for (head, kvs) in heads.iter().enumerate() {
+                    for (slot, kv) in kvs.iter().enumerate() {
+                        let e = error(&c, layer, head, slot, kv);
+                        if slot < quantized {
+                            assert!(e <= HALF_STEP_8, "slot {slot}: off by {e}");
+                        } else {
+                            assert_eq!(e, 0.0, "slot {slot} is in full precision");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kivi_bytes_in_use_count_codes_ranges_and_the_residual() {
+        let (layers, heads, d, tokens) = (2, 3, 64, 320);
+        let mut next = sampler(5);
+        let mut plain = KvCache::new(KvDtype::F16, layers, heads, d, 512);
+        fill(&mut plain, tokens, &mut next);
+        assert_eq!(plain.bytes_in_use(), layers * heads * tokens * 256);
+        for (bits, per_token) in [(8, 144), (4, 80), (2, 48)] {
+            let mut c = KvCache::new(KvDtype::F16, layers, heads, d, 512);
+            c.use_kivi(kivi(bits, 32, 32));
+            fill(&mut c, tokens, &mut next);
+            assert_eq!(
+                c.bytes_in_use(),
+                plain.bytes_in_use(),
+                "nothing settled yet"
+            );
+            c.settle();
+            // 288 tokens quantized at 16·bits + 16 bytes per head, 32 kept at 256.
+            let expected = layers * heads * (288 * per_token + 32 * 256);
+            assert_eq!(c.bytes_in_use(), expected, "{bits} bits");
+            assert!(c.bytes_in_use() * 256 / per_token < plain.bytes_in_use() * 2);
+        }
+    }
+
+    #[test]
+    fn eviction_compacts_a_kivi_cache_and_requantizes_only_broken_key_groups() {
+        let mut next = sampler(11);
+        let mut c = KvCache::new(KvDtype::F16, 1, 2, 8, 32);
+        c.use_kivi(kivi(8, 4, 4));
+        let tokens = fill(&mut c, 24, &mut next);
+        c.settle();
+        assert_eq!(c.quantized(0, 0), 20);
+        let before = |head: usize, slot: usize| {
+            let (mut k, mut v) = (vec![0f32; 8], vec![0f32; 8]);
+            c.read_key(0, head, slot, &mut k);
+            c.read_value(0, head, slot, &mut v);
+            (k, v)
+        };
+        // Head 0 keeps group 0 in place, moves group 2 whole, and two quantized tokens besides
+        // (13, 17) that no longer fill a group; head 1 breaks every group it keeps.
+        let keep = vec![
+            vec![0, 1, 2, 3, 8, 9, 10, 11, 13, 17, 21, 22, 23],
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 19, 20, 21, 22, 23],
+        ];
+        let dequantized: Vec<Vec<_>> = keep
+            .iter()
+            .enumerate()
+            .map(|(h, slots)| slots.iter().map(|&s| before(h, s)).collect())
+            .collect();
+        c.retain_layer(0, &keep);
+        assert_eq!(c.layer_len(0), 13);
+        assert_eq!((c.quantized(0, 0), c.quantized(0, 1)), (8, 8));
+        assert_eq!(
+            c.positions(0, 0),
+            [0, 1, 2, 3, 8, 9, 10, 11, 13, 17, 21, 22, 23]
+        );
+        for (head, slots) in keep.iter().enumerate() {
+            for (to, &from) in slots.iter().enumerate() {
+                let kv = &tokens[0][head][from];
+                // A requantized key is off by two roundings at most.
+                let e = error(&c, 0, head, to, kv);
+                assert!(
+                    e <= 2.0 * HALF_STEP_8,
+                    "head {head}, slot {from} → {to}: off by {e}"
+                );
+                if (head == 0 && to < 8) || from >= 20 {
+                    let mut k = vec![0f32; 8];
+                    c.read_key(0, head, to, &mut k);
+                    assert_eq!(k, dequantized[head][to].0, "whole groups move as they are");
+                }
+                let mut v = vec![0f32; 8];
+                c.read_value(0, head, to, &mut v);
+                let close = v.iter().zip(&dequantized[head][to].1);
+                assert!(close
+                    .clone()
+                    .all(|(a, b)| (a - b).abs() <= b.abs() / 1024.0));
+                if to < 8 {
+                    assert_eq!(v, dequantized[head][to].1, "values move code for code");
+                }
+            }
+        }
+        // The leftovers and the kept full-precision tokens settle again behind the residual.
+        c.settle();
+        assert_eq!(c.quantized(0, 0), 8);
+        fill(&mut c, 3, &mut next);
+        c.settle();
+        assert_eq!(c.quantized(0, 1), 12);
+        for (head, slots) in keep.iter().enumerate() {
+            for (to, &from) in slots.iter().enumerate() {
+                let e = error(&c, 0, head, to, &tokens[0][head][from]);
+                assert!(e <= 3.0 * HALF_STEP_8, "head {head}, slot {to}: off by {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn repositioning_a_kivi_cache_rotates_its_quantized_keys() {
+        let freqs = [1.0, 0.25, 0.01, 0.001];
+        let raw: Vec<Vec<f32>> = (0..12)
+            .map(|t| {
+                (0..8)
+                    .map(|i| ((i * 3 + t) as f32 * 0.7).cos() * 3.0)
+                    .collect()
+            })
+            .collect();
+        let mut c = KvCache::new(KvDtype::F32, 1, 1, 8, 16);
+        c.use_kivi(kivi(8, 4, 4));
+        let positions: Vec<i32> = (0..12).map(|t| 100 + 7 * t).collect();
+        c.push_slots(&positions).unwrap();
+        for (slot, &p) in positions.iter().enumerate() {
+            c.write(0, 0, slot, &rotated(&raw[slot], &freqs, p), &raw[slot]);
+        }
+        c.settle();
+        assert_eq!(c.quantized(0, 0), 8);
+        let new: Vec<i32> = (0..12).collect();
+        c.reposition(&|p| p.copy_from_slice(&new), &freqs, RopeStyle::Normal);
+        assert_eq!(c.positions(0, 0), new.as_slice());
+        let mut k = vec![0f32; 8];
+        for (slot, raw) in raw.iter().enumerate() {
+            c.read_key(0, 0, slot, &mut k);
+            let want = rotated(raw, &freqs, slot as i32);
+            // Rotated keys lie in [-3√2, 3√2]: two 8-bit roundings of at most 4.25/255 each, the
+            // first turned with the key (×√2 at most); none in full precision.
+            let bound = if slot < 8 { 11.0 / 255.0 } else { 1e-5 };
+            for (a, b) in k.iter().zip(&want) {
+                assert!((a - b).abs() <= bound, "slot {slot}: {a} vs {b}");
+            }
+            c.read_value(0, 0, slot, &mut k);
+            for (a, b) in k.iter().zip(raw) {
+                assert!((a - b).abs() <= 3.0 / 255.0 + 1e-4, "value of slot {slot}");
+            }
+        }
+    }
+
+    #[test]
+    fn kv_specs_compose_one_eviction_policy_with_kivi_last() {
+        let shape = Shape::tiny();
+        let build = |spec: &str| -> Result<(String, Option<Kivi>)> {
+            let spec: Spec = spec.parse()?;
+            Ok((
+                build_policy(&spec, &shape)?.spec(),
+                build_kivi(&spec, &shape)?,
+            ))
+        };
+        let (policy, k) = build("kivi:bits=4,group=4").unwrap();
+        assert_eq!((policy.as_str(), k), ("full", Some(kivi(4, 4, 32))));
+        let (policy, k) = build("snapkv:budget=8+kivi:group=2,residual=0").unwrap();
+        assert!(policy.starts_with("snapkv:budget=8"), "{policy}");
+        assert_eq!(k, Some(kivi(2, 2, 0)));
+        assert_eq!(build("snapkv:budget=8").unwrap().1, None);
+        for (bad, says) in [
+            ("snapkv:budget=8+streaming", "only one eviction policy"),
+            ("kivi:group=4+snapkv:budget=8", "comes last"),
+            ("kivi:group=4+kivi:group=4", "more than once"),
+            ("streaming+kivi:group=4+kivi:group=2", "more than once"),
+            ("snapkv:budget=8+kivi:bits=3,group=4", "2, 4 or 8"),
+            ("nosuch+kivi:group=4", "nosuch"),
+        ] {
+            let err = build(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 }

@@ -185,6 +185,15 @@ impl Budget {
             Self::Ratio(r) => ((tokens as f64 * r).round() as usize).max(1),
         }
     }
+
+    /// Tokens kept before [`KvPolicy::begin`] has told the input's length: a ratio has nothing
+    /// to resolve against yet, so it keeps everything.
+    pub fn before_input(self) -> usize {
+        match self {
+            Self::Tokens(n) => n,
+            Self::Ratio(_) => usize::MAX,
+        }
+    }
 }
 
 impl std::fmt::Display for Budget {
@@ -323,6 +332,112 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
     }
     order.sort_unstable();
     order
+}
+
+/// What the policies' unit tests share: a small cache whose every slot is told apart by its
+/// contents, the session's calls around a chunk, and the kernel's side of the observer.
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+    use crate::kv::KvDtype;
+    use crate::positions::RopeStyle;
+
+    /// The policy a spec names, built for [`Shape::tiny`].
+    pub fn build(spec: &str) -> Result<Box<dyn KvPolicy>> {
+        crate::kv::build_policy(&spec.parse()?, &Shape::tiny())
+    }
+
+    /// The message of the error `spec` gives (panics if it builds).
+    pub fn refusal(spec: &str) -> String {
+        match build(spec) {
+            Ok(_) => panic!("`{spec}` should be refused"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// A cache of [`Shape::tiny`] holding tokens at positions `0..len`; each slot's key and
+    /// value are filled with a number that names its layer, head and position.
+    pub fn cache(len: usize) -> KvCache {
+        let s = Shape::tiny();
+        let mut cache = KvCache::new(KvDtype::F32, s.n_layer, s.n_kv_head, s.head_dim, 32);
+        push(&mut cache, 0..len as i32);
+        cache
+    }
+
+    /// Appends tokens at `positions` to every layer, filled as [`cache`] fills them.
+    pub fn push(cache: &mut KvCache, positions: std::ops::Range<i32>) {
+        let positions: Vec<i32> = positions.collect();
+        cache.push_slots(&positions).unwrap();
+        for layer in 0..cache.n_layer {
+            let len = cache.layer_len(layer);
+            for head in 0..cache.n_kv_head {
+                for (slot, &p) in (len - positions.len()..len).zip(&positions) {
+                    let v = vec![(layer * 10_000 + head * 1000) as f32 + p as f32; cache.head_dim];
+                    cache.write(layer, head, slot, &v, &v);
+                }
+            }
+        }
+    }
+
+    /// Whether two caches hold the same tokens, bit for bit.
+    pub fn same(a: &KvCache, b: &KvCache) -> bool {
+        let bits = |cache: &KvCache, layer: usize, head: usize, slot: usize| {
+            let mut kv = vec![0f32; 2 * cache.head_dim];
+            let (k, v) = kv.split_at_mut(cache.head_dim);
+            cache.read_key(layer, head, slot, k);
+            cache.read_value(layer, head, slot, v);
+            kv.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+        };
+        (0..a.n_layer).all(|layer| {
+            a.layer_len(layer) == b.layer_len(layer)
+                && (0..a.n_kv_head).all(|head| {
+                    a.positions(layer, head) == b.positions(layer, head)
+                        && (0..a.layer_len(layer))
+                            .all(|s| bits(a, layer, head, s) == bits(b, layer, head, s))
+                })
+        })
+    }
+
+    /// The chunk of `len` tokens from `start` about to be fed on top of `cached` slots.
+    pub fn chunk(phase: Phase, start: i32, len: usize, cached: usize) -> ChunkInfo {
+        ChunkInfo {
+            phase,
+            positions: start..start + len as i32,
+            cache_len_after: cached + len,
+            guide: false,
+        }
+    }
+
+    /// What the session passes to `after_chunk`, for policies that move no token.
+    pub fn after(phase: Phase, next_position: i32) -> AfterChunk<'static> {
+        AfterChunk {
+            phase,
+            guide: false,
+            next_position,
+            frequencies: &[],
+            rope_style: RopeStyle::Normal,
+        }
+    }
+
+    /// One query's weights, one row per query head of [`Shape::tiny`], handed to `observer` as
+    /// the kernel does: only if it wants them. Returns whether it did.
+    pub fn query<O: AttentionObserver + ?Sized, W: AsRef<[f32]>>(
+        observer: &O,
+        layer: usize,
+        position: i32,
+        heads: &[W],
+    ) -> bool {
+        let s = Shape::tiny();
+        assert_eq!(heads.len(), s.n_head, "one row per query head");
+        if !observer.wants(layer, position) {
+            return false;
+        }
+        for (head, weights) in heads.iter().enumerate() {
+            let kv_head = head / (s.n_head / s.n_kv_head);
+            observer.observe(layer, head, kv_head, position, weights.as_ref());
+        }
+        true
+    }
 }
 
 #[cfg(test)]

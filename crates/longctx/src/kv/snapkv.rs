@@ -17,16 +17,18 @@ use super::{AttentionObserver, KvCache};
 use crate::spec::{Params, SpecPart};
 use crate::Result;
 
+/// Fields are open to the policies built on SnapKV's vote (PyramidKV, Finch), which share its
+/// settings, votes and selection and differ in how much each layer keeps and when.
 pub struct SnapKv {
-    budget: Budget,
-    window: usize,
-    kernel: usize,
-    pooling: Pooling,
+    pub(super) budget: Budget,
+    pub(super) window: usize,
+    pub(super) kernel: usize,
+    pub(super) pooling: Pooling,
     /// Tokens kept, resolved for the current prompt.
-    keep: usize,
+    pub(super) keep: usize,
     /// Positions whose queries vote in the current chunk (empty: no vote).
-    observing: std::ops::Range<i32>,
-    votes: AttentionSums,
+    pub(super) observing: std::ops::Range<i32>,
+    pub(super) votes: AttentionSums,
 }
 
 pub fn build(part: &SpecPart, shape: &Shape) -> Result<Box<dyn KvPolicy>> {
@@ -40,17 +42,35 @@ impl SnapKv {
     /// Reads `budget|ratio`, `window` (32), `kernel` (7) and `pooling` (avg); the paper's
     /// LongBench settings are window 32, kernel 7, max pooling.
     pub fn new(params: &mut Params, shape: &Shape) -> Result<Self> {
-        let budget = Budget::from_params(params, "snapkv")?;
+        Self::named(params, shape, "snapkv", 7)
+    }
+
+    /// As [`SnapKv::new`], for a policy built on SnapKV's vote: errors name the policy `name`,
+    /// and the kernel defaults to `kernel`.
+    pub fn named(params: &mut Params, shape: &Shape, name: &str, kernel: usize) -> Result<Self> {
+        let budget = Budget::from_params(params, name)?;
         let window = params.get("window", 32usize)?;
-        let kernel = params.get("kernel", 7usize)?;
+        let kernel = params.get("kernel", kernel)?;
         let pooling = Pooling::from_params(params)?;
         if window == 0 || kernel == 0 || kernel.is_multiple_of(2) {
             return Err(crate::Error::InvalidOption(format!(
-                "`snapkv:window={window},kernel={kernel}`: the window needs at least 1 query and \
+                "`{name}:window={window},kernel={kernel}`: the window needs at least 1 query and \
                  the pooling kernel an odd width"
             )));
         }
-        Ok(Self {
+        Ok(Self::with(budget, window, kernel, pooling, shape))
+    }
+
+    /// SnapKV with settings already checked (a window of at least 1, an odd kernel), for the
+    /// policies that compress the prompt with it (SCOPE).
+    pub fn with(
+        budget: Budget,
+        window: usize,
+        kernel: usize,
+        pooling: Pooling,
+        shape: &Shape,
+    ) -> Self {
+        Self {
             budget,
             window,
             kernel,
@@ -58,7 +78,7 @@ impl SnapKv {
             keep: 0,
             observing: 0..0,
             votes: AttentionSums::new(shape.n_layer, shape.n_kv_head),
-        })
+        }
     }
 
     /// Slots of one KV head to keep out of `len`, of which the last `window` are the observers.
@@ -69,6 +89,25 @@ impl SnapKv {
         let mut kept = top_k(&pooled, keep - window);
         kept.extend(candidates..len);
         kept
+    }
+
+    /// Keeps, in every layer holding more than `budget(layer)` slots, each KV head's
+    /// `budget(layer)` best by the votes of the observed queries (the last slots, kept too);
+    /// then forgets the votes.
+    pub(super) fn compress(&mut self, cache: &mut KvCache, budget: &dyn Fn(usize) -> usize) {
+        let window = self.observing.len();
+        for layer in 0..cache.n_layer {
+            let (len, keep) = (cache.layer_len(layer), budget(layer));
+            if len <= keep {
+                continue;
+            }
+            let keep: Vec<Vec<usize>> = (0..cache.n_kv_head)
+                .map(|h| self.select(&self.votes.get(layer, h, len), len, window, keep))
+                .collect();
+            cache.retain_layer(layer, &keep);
+        }
+        self.votes.clear();
+        self.observing = 0..0;
     }
 }
 
@@ -109,19 +148,8 @@ impl KvPolicy for SnapKv {
         if self.observing.is_empty() {
             return None;
         }
-        let window = self.observing.len();
-        for layer in 0..cache.n_layer {
-            let len = cache.layer_len(layer);
-            if len <= self.keep {
-                continue;
-            }
-            let keep: Vec<Vec<usize>> = (0..cache.n_kv_head)
-                .map(|h| self.select(&self.votes.get(layer, h, len), len, window, self.keep))
-                .collect();
-            cache.retain_layer(layer, &keep);
-        }
-        self.votes.clear();
-        self.observing = 0..0;
+        let keep = self.keep;
+        self.compress(cache, &|_| keep);
         None
     }
 

@@ -37,7 +37,7 @@ use std::cell::RefCell;
 
 use half::f16;
 
-use crate::kv::{KvCache, KvData};
+use crate::kv::{KvCache, KvData, Tensor};
 
 /// Largest head size [`attend`] handles.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -96,7 +96,8 @@ pub struct FarQuery<'a> {
 ///
 /// `q` is `[D]` (already rotated), `scores` a scratch of at least `visible` values, `out` `[D]`.
 /// `reduction` is [`Reduction::for_chunk`] of the number of tokens evaluated together. With
-/// `far`, its slots are scored by its query instead.
+/// `far`, its slots are scored by its query instead. A head with KIVI-quantized slots is read
+/// through [`attend_block`]'s dequantized tiles.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     cache: &KvCache,
@@ -112,6 +113,18 @@ pub fn attend(
 ) {
     let d = cache.head_dim;
     assert!(d <= MAX_HEAD_DIM, "head size {d} above {MAX_HEAD_DIM}");
+    if cache.quantized(layer, kv_head) > 0 {
+        assert!(far.is_none(), "no far attention over a quantized cache");
+        let mut row = [QueryRow {
+            q,
+            visible,
+            out,
+            far: None,
+        }];
+        return attend_block(
+            cache, layer, kv_head, &mut row, scale, scores, reduction, None,
+        );
+    }
     let base = cache.offset(layer, kv_head, 0);
     let scores = &mut scores[..visible];
     let (kq_lanes, kqv_lanes) = (reduction.kq_lanes(d), reduction.kqv_lanes(d));
@@ -197,6 +210,10 @@ pub fn attend_block(
 ) {
     let d = cache.head_dim;
     assert!(d <= MAX_HEAD_DIM, "head size {d} above {MAX_HEAD_DIM}");
+    assert!(
+        far_keys.is_none() || cache.quantized(layer, kv_head) == 0,
+        "no far attention over a quantized cache"
+    );
     let base = cache.offset(layer, kv_head, 0);
     let stride = block_stride(rows);
     let scores = &mut scores[..rows.len() * stride];
@@ -227,7 +244,15 @@ pub fn attend_block(
                 far_tile: far_buffer,
                 ..
             } = block;
-            let keys = widen(&cache.k, base, tile, tile_end, d, near_buffer);
+            let keys = widen_slots(
+                cache,
+                Tensor::Keys,
+                layer,
+                kv_head,
+                tile,
+                tile_end,
+                near_buffer,
+            );
             let far_tile = match far_keys {
                 Some(far) if rows.iter().any(|r| r.far.is_some_and(|f| f.slots > tile)) => {
                     grow(far_buffer, TILE * d);
@@ -262,12 +287,14 @@ pub fn attend_block(
         acc.fill(0.0);
         let mut weights = [0f32; TILE];
         for tile in (0..stride).step_by(TILE) {
-            let values = widen(
-                &cache.v,
-                base,
+            let tile_end = (tile + TILE).min(stride);
+            let values = widen_slots(
+                cache,
+                Tensor::Values,
+                layer,
+                kv_head,
                 tile,
-                (tile + TILE).min(stride),
-                d,
+                tile_end,
                 &mut block.tile,
             );
             for ((row, s), a) in rows
@@ -333,6 +360,40 @@ fn widen<'a>(
     }
 }
 
+/// [`widen`] for the keys or values of `head` in `layer`, slots `from..to`: those KIVI holds
+/// quantized (the first [`KvCache::quantized`]) are dequantized into `buffer`, the rest come
+/// from their rows, which start at row 0 after the quantized ones.
+fn widen_slots<'a>(
+    cache: &'a KvCache,
+    tensor: Tensor,
+    layer: usize,
+    head: usize,
+    from: usize,
+    to: usize,
+    buffer: &'a mut [f32],
+) -> &'a [f32] {
+    let d = cache.head_dim;
+    let data = match tensor {
+        Tensor::Keys => &cache.k,
+        Tensor::Values => &cache.v,
+    };
+    let base = cache.offset(layer, head, 0);
+    let quantized = cache.quantized(layer, head);
+    if from >= quantized {
+        return widen(data, base, from - quantized, to - quantized, d, buffer);
+    }
+    let split = to.min(quantized);
+    let out = &mut buffer[..(to - from) * d];
+    let (packed, rows) = out.split_at_mut((split - from) * d);
+    cache.dequantize(tensor, layer, head, from..split, packed);
+    let range = base..base + rows.len();
+    match data {
+        KvData::F16(x) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&x[range], rows),
+        KvData::F32(x) => rows.copy_from_slice(&x[range]),
+    }
+    out
+}
+
 /// `s[j] = q·k_j · scale` for the keys of a tile (`[n][D]` f32, `q` rounded as the cache is).
 fn score_tile(
     q: &[f32],
@@ -348,6 +409,11 @@ fn score_tile(
         // SAFETY: the CPU has AVX2 and FMA; `keys` holds `s.len()` rows of `d`, `d % 16 == 0`.
         return unsafe { simd::scores16(q, keys, d, scale, s) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if lanes == 64 && d.is_multiple_of(64) && crate::quant::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA; `keys` holds `s.len()` rows of `d`, `d % 64 == 0`.
+        return unsafe { simd::scores64(q, keys, d, scale, s) };
+    }
     for (j, o) in s.iter_mut().enumerate() {
         let k = &keys[j * d..(j + 1) * d];
         *o = dot_lanes(lanes, d, |i| q[i], |i| k[i], wide) * scale;
@@ -358,10 +424,14 @@ fn score_tile(
 /// multiple of `lanes`) to lane `j % lanes` of `acc` (`[lanes][D]`), in slot order per lane.
 fn accumulate_tile(values: &[f32], p: &[f32], d: usize, lanes: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if lanes == 16 && d.is_multiple_of(64) && crate::quant::has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA; `values` holds `p.len()` rows of `d`, `acc` 16 rows,
-        // `d % 64 == 0`.
-        return unsafe { simd::accumulate16(values, p, d, acc) };
+    if d.is_multiple_of(64) && crate::quant::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA; `values` holds `p.len()` rows of `d`, `acc` `lanes`
+        // rows, `d % 64 == 0`.
+        match lanes {
+            16 => return unsafe { simd::accumulate::<16>(values, p, d, acc) },
+            64 => return unsafe { simd::accumulate::<64>(values, p, d, acc) },
+            _ => {}
+        }
     }
     for (j, &pj) in p.iter().enumerate() {
         let row = &mut acc[(j % lanes) * d..(j % lanes + 1) * d];
@@ -730,19 +800,50 @@ pub(crate) mod simd {
         }
     }
 
-    /// Lane l of `acc` (`[16][D]`) += Σ p[j]·v_j over the slots j ≡ l (mod 16), in slot order,
-    /// 64 dimensions of one lane held in registers across the tile.
+    /// `ggml_vec_dot_f16`'s 64-lane order ([`dot64_f16`]) over f32 rows, one key at a time.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn accumulate16(values: &[f32], p: &[f32], d: usize, acc: &mut [f32]) {
+    pub(super) unsafe fn scores64(q: &[f32], keys: &[f32], d: usize, scale: f32, s: &mut [f32]) {
+        let (pq, pk) = (q.as_ptr(), keys.as_ptr());
+        for (j, o) in s.iter_mut().enumerate() {
+            let k = pk.add(j * d);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for i in (0..d).step_by(64) {
+                for (m, acc) in acc.iter_mut().enumerate() {
+                    let at = i + 8 * m;
+                    *acc = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pq.add(at)),
+                        _mm256_loadu_ps(k.add(at)),
+                        *acc,
+                    );
+                }
+            }
+            for step in [4, 2, 1] {
+                for m in 0..step {
+                    acc[m] = _mm256_add_ps(acc[m], acc[m + step]);
+                }
+            }
+            *o = tree8(acc[0]) * scale;
+        }
+    }
+
+    /// Lane l of `acc` (`[LANES][D]`) += Σ p[j]·v_j over the slots j ≡ l (mod LANES), in slot
+    /// order, 64 dimensions of one lane held in registers across the tile.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn accumulate<const LANES: usize>(
+        values: &[f32],
+        p: &[f32],
+        d: usize,
+        acc: &mut [f32],
+    ) {
         let (pv, pa) = (values.as_ptr(), acc.as_mut_ptr());
-        for lane in 0..16.min(p.len()) {
+        for lane in 0..LANES.min(p.len()) {
             for dc in (0..d).step_by(64) {
                 let at = pa.add(lane * d + dc);
                 let mut r = [_mm256_setzero_ps(); 8];
                 for (m, r) in r.iter_mut().enumerate() {
                     *r = _mm256_loadu_ps(at.add(8 * m));
                 }
-                for j in (lane..p.len()).step_by(16) {
+                for j in (lane..p.len()).step_by(LANES) {
                     let w = _mm256_set1_ps(*p.get_unchecked(j));
                     let row = pv.add(j * d + dc);
                     for (m, r) in r.iter_mut().enumerate() {
@@ -1076,6 +1177,88 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// KIVI at 8 bits changes attention little: every query over a cache whose first slots are
+    /// quantized (a tile straddling the boundary included), one at a time and in a block, comes
+    /// out close to the same query over the plain f16 cache.
+    #[test]
+    fn attention_over_an_8_bit_kivi_cache_stays_close_to_f16() {
+        let mut rng = 0x1b87_3593u32;
+        let mut next = || {
+            rng = rng.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ((rng >> 8) as f32 / (1 << 24) as f32 - 0.5) * 2.0
+        };
+        let (d, slots) = (64, 2 * TILE + 37);
+        let mut plain = KvCache::new(KvDtype::F16, 1, 2, d, slots);
+        let mut kivi = KvCache::new(KvDtype::F16, 1, 2, d, slots);
+        kivi.use_kivi(crate::kv::Kivi {
+            bits: 8,
+            group: 32,
+            residual: 5,
+        });
+        for c in [&mut plain, &mut kivi] {
+            c.push_slots(&(0..slots as i32).collect::<Vec<_>>())
+                .unwrap();
+        }
+        for head in 0..2 {
+            for j in 0..slots {
+                let k: Vec<f32> = (0..d).map(|_| 2.0 * next()).collect();
+                let v: Vec<f32> = (0..d).map(|_| next()).collect();
+                plain.write(0, head, j, &k, &v);
+                kivi.write(0, head, j, &k, &v);
+            }
+        }
+        kivi.settle();
+        assert_eq!(kivi.quantized(0, 1), 288);
+        let scale = 1.0 / (d as f32).sqrt();
+        let visible = [1usize, 17, TILE, TILE + 1, 290, slots];
+        let queries: Vec<Vec<f32>> = visible
+            .iter()
+            .map(|_| (0..d).map(|_| 2.0 * next()).collect())
+            .collect();
+        let mut worst = 0f32;
+        for reduction in [Reduction::Gemm, Reduction::VecDot] {
+            let mut block_outs = vec![vec![0f32; d]; visible.len()];
+            let mut rows: Vec<QueryRow> = queries
+                .iter()
+                .zip(&visible)
+                .zip(block_outs.iter_mut())
+                .map(|((q, &visible), out)| QueryRow {
+                    q,
+                    visible,
+                    out,
+                    far: None,
+                })
+                .collect();
+            let mut scores = vec![0f32; visible.len() * slots];
+            attend_block(&kivi, 0, 1, &mut rows, scale, &mut scores, reduction, None);
+            for ((q, &visible), block_out) in queries.iter().zip(&visible).zip(&block_outs) {
+                let mut outs = [vec![0f32; d], vec![0f32; d]];
+                for (cache, out) in [&plain, &kivi].into_iter().zip(outs.iter_mut()) {
+                    let mut scores = vec![0f32; visible];
+                    attend(
+                        cache,
+                        0,
+                        1,
+                        visible,
+                        q,
+                        scale,
+                        &mut scores,
+                        out,
+                        reduction,
+                        None,
+                    );
+                }
+                assert_eq!(&outs[1], block_out, "{reduction:?}, {visible} visible");
+                for (a, b) in outs[0].iter().zip(&outs[1]) {
+                    worst = worst.max((a - b).abs());
+                }
+            }
+        }
+        // Values in [-1, 1); keys in [-2, 2) off by up to 2/255 each, scores by up to ~0.1.
+        assert!(worst < 0.01, "off by {worst}");
+        assert!(worst > 0.0, "the quantized slots were read");
     }
 
     #[test]

@@ -465,7 +465,9 @@ fn attention(
     scores: &[std::sync::Mutex<Vec<f32>>],
     observer: Option<&dyn AttentionObserver>,
 ) {
-    if input.positions.len() >= 2 {
+    // A KIVI cache is dequantized tile by tile; in blocks, once for all the query heads that
+    // share a KV head rather than once per query head.
+    if input.positions.len() >= 2 || cache.kivi().is_some() {
         return attention_blocks(c, pool, cache, input, out, scores, observer);
     }
     let (hd, group) = (c.head_dim, c.n_head / c.n_kv_head);
@@ -546,8 +548,9 @@ fn block_rows(c: &Config, max_tokens: usize) -> usize {
     tokens * (c.n_head / c.n_kv_head)
 }
 
-/// [`attention`] for chunks of two or more tokens: each unit of work is one KV head and a
-/// block of consecutive tokens, whose queries read its cache together.
+/// [`attention`] for chunks of two or more tokens (and every chunk over a KIVI cache): each unit
+/// of work is one KV head and a block of consecutive tokens, whose queries read its cache
+/// together.
 fn attention_blocks(
     c: &Config,
     pool: &ThreadPool,
