@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use longctx::session::Session;
 
-use crate::common::{print_out, EngineArgs, ModelArgs};
+use crate::common::{peak_rss_bytes, print_out, EngineArgs, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -75,6 +75,8 @@ pub fn main(args: Args) -> Result<()> {
         decode_tok_s: median(&mut decode_rates),
         peak_rss_bytes: peak_rss_bytes(),
         kv_bytes: session.kv_bytes(),
+        kv_tokens: session.n_past(),
+        kv: session.policy_spec(),
         threads: session.options().threads,
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
@@ -93,7 +95,10 @@ struct Report {
     prefill_tok_s: f64,
     decode_tok_s: f64,
     peak_rss_bytes: u64,
+    /// KV cache in use at the end, and the tokens it holds.
     kv_bytes: usize,
+    kv_tokens: usize,
+    kv: String,
     threads: usize,
     prompt_tokens: usize,
     gen_tokens: usize,
@@ -125,9 +130,11 @@ impl Report {
         }
         lines.push(String::new());
         lines.push(format!(
-            "threads {}, kv cache {:.1} MiB, peak RSS {:.1} MiB",
+            "threads {}, kv cache {:.1} MiB ({} tokens, --kv {}), peak RSS {:.1} MiB",
             self.threads,
             self.kv_bytes as f64 / (1024.0 * 1024.0),
+            self.kv_tokens,
+            self.kv,
             self.peak_rss_bytes as f64 / (1024.0 * 1024.0)
         ));
         lines.join("\n")
@@ -165,24 +172,6 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-/// The process's peak resident memory (VmHWM); 0 where /proc is not available.
-fn peak_rss_bytes() -> u64 {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return 0;
-    };
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kib| kib * 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,12 +191,5 @@ mod tests {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(median(&mut []), 0.0);
-    }
-
-    #[test]
-    fn peak_rss_is_read() {
-        if cfg!(target_os = "linux") {
-            assert!(peak_rss_bytes() > 0);
-        }
     }
 }

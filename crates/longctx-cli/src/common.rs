@@ -47,7 +47,7 @@ pub struct EngineArgs {
     #[arg(long, value_name = "SPEC", default_value = "none", long_help = rope_help())]
     pub rope: String,
     /// KV-cache policy, as name:key=value,… (`full`: keep every token).
-    #[arg(long, value_name = "SPEC", default_value = "full")]
+    #[arg(long, value_name = "SPEC", default_value = "full", long_help = kv_help())]
     pub kv: String,
 }
 
@@ -62,6 +62,17 @@ fn rope_help() -> String {
     help.push_str(
         "auto:LENGTH keeps the model's own RoPE up to its trained length and beyond it picks YaRN with factor = LENGTH / trained length; what ran is recorded resolved.",
     );
+    help
+}
+
+/// `--kv`'s long help, from the library's registry.
+fn kv_help() -> String {
+    let mut help = String::from(
+        "KV-cache policy, as name:key=value,…; budgets as budget=N tokens per KV head or ratio=R (fraction kept). The cache is compressed after every prefill chunk, so it never holds more than budget + --chunk-size tokens.\n",
+    );
+    for entry in longctx::kv::POLICIES {
+        help.push_str(&format!("  {:<12} {}\n", entry.name, entry.about));
+    }
     help
 }
 
@@ -109,5 +120,33 @@ pub fn print_out(text: &str) -> Result<()> {
             bail!("cannot write to stdout: {e}")
         }
         _ => Ok(()),
+    }
+}
+
+/// The process's peak resident memory (VmHWM); 0 where /proc is not available.
+pub fn peak_rss_bytes() -> u64 {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return 0;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn peak_rss_is_read() {
+        if cfg!(target_os = "linux") {
+            assert!(super::peak_rss_bytes() > 0);
+        }
     }
 }

@@ -12,7 +12,7 @@ use longctx::session::{KvDtype, Session};
 use longctx::spec::Spec;
 use longctx_eval::report::{write_report, RunResults};
 use longctx_eval::runner::{self, Event, ModelInfo, RunConfig, RunDir};
-use longctx_eval::task::{task_from_spec, Engine, TaskContext, REGISTRY};
+use longctx_eval::task::{task_from_spec, Engine, QueryMode, TaskContext, REGISTRY};
 use longctx_eval::tasks::niah::PRESETS;
 use longctx_eval::text::NaturalText;
 
@@ -56,8 +56,28 @@ pub struct Args {
     /// Also write each case's prompt tokens to DIR/prompts.jsonl (to replay them in another engine).
     #[arg(long)]
     save_prompts: bool,
+    /// What the KV policy sees of the question: `aware` compresses the whole prompt, question
+    /// included, as users run it; `agnostic` prefills and compresses the context alone, then
+    /// appends the question uncompressed (kvpress's protocol).
+    #[arg(long, value_enum, default_value_t = QueryArg::Aware)]
+    query: QueryArg,
     #[command(flatten)]
     engine: EngineArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum QueryArg {
+    Aware,
+    Agnostic,
+}
+
+impl From<QueryArg> for QueryMode {
+    fn from(q: QueryArg) -> Self {
+        match q {
+            QueryArg::Aware => Self::Aware,
+            QueryArg::Agnostic => Self::Agnostic,
+        }
+    }
 }
 
 pub fn parse_length(text: &str) -> Result<usize, String> {
@@ -171,7 +191,8 @@ fn evaluate(args: Args) -> Result<()> {
             trained_ctx: trained,
         },
         rope: options.rope.to_string(),
-        kv: options.kv.to_string(),
+        kv: session.policy_spec(),
+        query: args.query.into(),
         kv_dtype: match options.kv_dtype {
             KvDtype::F16 => "f16".into(),
             KvDtype::F32 => "f32".into(),
@@ -199,6 +220,7 @@ fn evaluate(args: Args) -> Result<()> {
     }
     let mut engine = Engine {
         session: &mut session,
+        query: args.query.into(),
     };
     let mut progress = Progress::default();
     runner::run(

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use longctx::positions::{self, Base, LongRopeFactors, PositionScheme};
 use longctx::session::{Session, SessionOptions};
 use longctx_eval::rope_search::{self, SearchConfig, SearchDir, SearchEvent};
-use longctx_eval::task::Engine;
+use longctx_eval::task::{Engine, QueryMode};
 use longctx_eval::tasks::ppl::{Mode, Perplexity};
 use longctx_eval::{Case, Task, TaskContext};
 
@@ -128,6 +128,7 @@ pub fn main(args: Args) -> Result<()> {
         let mut session = Session::new(model.clone(), options)?;
         let mut engine = Engine {
             session: &mut session,
+            query: QueryMode::Aware,
         };
         let (mut sum, mut count) = (0.0, 0);
         for sample in 0..args.samples {

@@ -165,11 +165,14 @@ fn print_stats(stats: &GenerationStats, seed: u64, session: &Session) {
         stats.decode_tokens_per_second()
     );
     eprintln!(
-        "kv cache:  {} bytes ({:.1} MiB) for {} of {} context tokens; {} threads; seed {seed}",
+        "kv cache:  {} bytes ({:.1} MiB) holding {} of {} tokens (--kv {}, context {}); peak RSS {:.1} MiB; {} threads; seed {seed}",
         stats.kv_bytes,
         stats.kv_bytes as f64 / (1024.0 * 1024.0),
         session.n_past(),
+        stats.prompt_tokens + stats.generated_tokens,
+        session.policy_spec(),
         session.n_ctx(),
+        crate::common::peak_rss_bytes() as f64 / (1024.0 * 1024.0),
         session.options().threads,
     );
 }

@@ -195,11 +195,12 @@ fn summarise(run: &RunResults, label: String) -> RunSummary {
 /// folder name when nothing in the configurations does.
 fn labels(runs: &[RunResults]) -> Vec<String> {
     type Field = fn(&RunConfig) -> String;
-    let fields: [(&str, Field); 5] = [
+    let fields: [(&str, Field); 6] = [
         ("task", |c| c.task.clone()),
         ("model", |c| c.model.file.clone()),
         ("rope", |c| c.rope.clone()),
         ("kv", |c| c.kv.clone()),
+        ("query", |c| c.query.name().to_string()),
         ("chat", |c| c.chat_template.to_string()),
     ];
     let differing: Vec<&(&str, Field)> = fields
@@ -467,7 +468,7 @@ fn configuration_table(md: &mut String, summaries: &[RunSummary]) {
     md.push_str(&"---|".repeat(summaries.len()));
     md.push('\n');
     type Row = fn(&RunSummary) -> String;
-    let rows: [(&str, Row); 12] = [
+    let rows: [(&str, Row); 13] = [
         ("folder", |s| format!("`{}`", s.dir)),
         ("task", |s| format!("`{}`", s.config.task)),
         ("model", |s| s.config.model.file.clone()),
@@ -484,6 +485,7 @@ fn configuration_table(md: &mut String, summaries: &[RunSummary]) {
         ("kv", |s| {
             format!("`{}` ({})", s.config.kv, s.config.kv_dtype)
         }),
+        ("query", |s| s.config.query.name().to_string()),
         ("chat template", |s| s.config.chat_template.to_string()),
         ("seed", |s| s.config.seed.to_string()),
         ("text", |s| {

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::task::{Case, Engine, Outcome, Task, TaskContext};
+use crate::task::{Case, Engine, Outcome, QueryMode, Task, TaskContext};
 use crate::text::TextSource;
 use crate::{EvalError, Result};
 
@@ -29,8 +29,12 @@ pub struct RunConfig {
     pub model: ModelInfo,
     /// Position scheme, as given to `--rope`.
     pub rope: String,
-    /// KV-cache policy, as given to `--kv`.
+    /// KV-cache policy, with every parameter resolved.
     pub kv: String,
+    /// Whether the policy saw the question while compressing (`aware`) or compressed the
+    /// context alone (`agnostic`); folders written before query modes existed were aware.
+    #[serde(default)]
+    pub query: QueryMode,
     pub kv_dtype: String,
     pub chunk_size: usize,
     /// Whether prompts were wrapped in the model's chat template.
@@ -315,6 +319,7 @@ pub(crate) mod tests {
             },
             rope: "none".into(),
             kv: "full".into(),
+            query: QueryMode::Aware,
             kv_dtype: "f16".into(),
             chunk_size: 512,
             chat_template: true,
@@ -441,6 +446,7 @@ mod resume_tests {
         .unwrap();
         let mut engine = Engine {
             session: &mut session,
+            query: QueryMode::Aware,
         };
         let dying = Dying {
             calls: AtomicUsize::new(0),

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use longctx::chat::{ChatMessage, ChatTemplate};
-use longctx::generate::generate;
+use longctx::generate::{continue_generation, generate};
 use longctx::sampling::{Sampler, SamplingParams};
 use longctx::session::{Model, Session};
 use longctx::spec::{Spec, SpecPart};
@@ -55,6 +55,9 @@ pub struct Prompt {
     pub max_new_tokens: usize,
     /// Token index where the (first) answer was placed, for checking depths.
     pub answer_at: Option<usize>,
+    /// Token index where the question after the context starts (the rest of the user turn,
+    /// the template's turn change and the answer prefix), for the query-agnostic protocol.
+    pub question_at: Option<usize>,
 }
 
 /// What a finished case produced.
@@ -114,6 +117,16 @@ impl TaskContext {
         self.encode_text(&text[..at]).ok().map(|t| t.len())
     }
 
+    /// Token index of the question in the rendered prompt of `user`: the user text's last line
+    /// (every task puts its question there, after the context).
+    pub fn question_at(&self, user: &str, answer_prefix: &str) -> Result<Option<usize>> {
+        let question = user.rsplit('\n').next().unwrap_or(user);
+        let rendered = self.render(user, answer_prefix)?;
+        Ok(rendered
+            .rfind(question)
+            .and_then(|at| self.encode_text(&rendered[..at]).ok().map(|t| t.len())))
+    }
+
     /// The natural text, or an error saying the task needs it.
     pub fn text(&self) -> Result<&NaturalText> {
         self.text.as_deref().ok_or_else(|| {
@@ -127,21 +140,70 @@ impl TaskContext {
     }
 }
 
+/// What the KV policy sees of the question when it compresses the context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueryMode {
+    /// The question is part of the prompt the policy compresses, as users run it.
+    #[default]
+    Aware,
+    /// The context is prefilled and compressed alone, the question appended after it
+    /// uncompressed (kvpress's protocol).
+    Agnostic,
+}
+
+impl QueryMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Aware => "aware",
+            Self::Agnostic => "agnostic",
+        }
+    }
+}
+
 /// The engine a case runs on: one session, reused case after case.
 pub struct Engine<'a> {
     pub session: &'a mut Session,
+    pub query: QueryMode,
 }
 
 impl Engine<'_> {
     /// Greedy continuation of `prompt`, at most `max_new_tokens` tokens, from an empty cache.
-    pub fn complete(&mut self, prompt: &[u32], max_new_tokens: usize) -> Result<String> {
+    /// With `question_at`, the context before it and the question from it go in as the query
+    /// mode says (question-guided policies see the question while compressing the context).
+    pub fn complete(
+        &mut self,
+        prompt: &[u32],
+        question_at: Option<usize>,
+        max_new_tokens: usize,
+    ) -> Result<String> {
         self.session.reset();
         let mut sampler = Sampler::new(SamplingParams::greedy())?;
         let mut output = String::new();
-        generate(
+        let Some(at) = question_at.filter(|&at| at > 0 && at < prompt.len()) else {
+            generate(
+                self.session,
+                &mut sampler,
+                prompt,
+                max_new_tokens,
+                &mut |piece| output.push_str(piece),
+            )?;
+            return Ok(output);
+        };
+        self.session.check_fits(prompt.len(), max_new_tokens)?;
+        let (context, question) = prompt.split_at(at);
+        let logits = match self.query {
+            QueryMode::Aware => self.session.prefill_guided(context, question)?.to_vec(),
+            QueryMode::Agnostic => {
+                self.session.prefill(context)?;
+                self.session.prefill_uncompressed(question)?.to_vec()
+            }
+        };
+        continue_generation(
             self.session,
             &mut sampler,
             prompt,
+            &logits,
             max_new_tokens,
             &mut |piece| output.push_str(piece),
         )?;
@@ -212,7 +274,7 @@ impl<T: Synthetic> Task for T {
 
     fn run(&self, case: &Case, ctx: &TaskContext, engine: &mut Engine) -> Result<Outcome> {
         let prompt = self.synthesise(case, ctx)?;
-        let output = engine.complete(&prompt.tokens, prompt.max_new_tokens)?;
+        let output = engine.complete(&prompt.tokens, prompt.question_at, prompt.max_new_tokens)?;
         Ok(Outcome {
             score: Some(self.score(&prompt, &output)),
             output: Some(output),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use longctx::fetch::FetchConfig;
 use longctx::session::{Model, Session, SessionOptions};
-use longctx_eval::task::{task_from_spec, Engine, TaskContext};
+use longctx_eval::task::{task_from_spec, Engine, QueryMode, TaskContext};
 use longctx_eval::text::NaturalText;
 use longctx_eval::Case;
 use serde::Deserialize;
@@ -63,6 +63,7 @@ fn perplexity_windows_match_llama_cpp() {
     .unwrap();
     let mut engine = Engine {
         session: &mut session,
+        query: QueryMode::Aware,
     };
     let task = task_from_spec(&"ppl:mode=llama,span=1536".parse().unwrap()).unwrap();
     for (sample, expected) in fixture.windows.iter().enumerate() {

@@ -213,7 +213,7 @@ impl Synthetic for Cwe {
                 answer_prefix: prefix.clone(),
             })
         };
-        let (_, tokens) = match fit(ctx, case, ANSWER_TOKENS, rare.len(), draft) {
+        let (n, tokens) = match fit(ctx, case, ANSWER_TOKENS, rare.len(), draft) {
             Ok(fitted) => fitted,
             // fit() blames a short natural text when the units run out; here it is the word list.
             Err(error) => {
@@ -236,6 +236,7 @@ impl Synthetic for Cwe {
             answers: common.iter().map(|w| w.to_string()).collect(),
             max_new_tokens: ANSWER_TOKENS,
             answer_at: None,
+            question_at: ctx.question_at(&user(n), &prefix)?,
         })
     }
 }
@@ -322,6 +323,7 @@ mod tests {
                 .to_vec(),
             max_new_tokens: ANSWER_TOKENS,
             answer_at: None,
+            question_at: None,
         };
         assert_eq!(
             task.score(&prompt, " 1. river 2. Apple 3. stone 4. cloudy"),

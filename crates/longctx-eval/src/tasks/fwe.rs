@@ -151,6 +151,7 @@ impl Synthetic for Fwe {
             answers: vocabulary[1..4].to_vec(),
             max_new_tokens: ANSWER_TOKENS,
             answer_at: None,
+            question_at: ctx.question_at(&draft(n)?.user, ANSWER_PREFIX)?,
         })
     }
 }
@@ -247,6 +248,7 @@ mod tests {
             answers: ["qwerty", "asdfgh", "zxcvbn"].map(String::from).to_vec(),
             max_new_tokens: ANSWER_TOKENS,
             answer_at: None,
+            question_at: None,
         };
         assert_eq!(task.score(&prompt, " qwerty, asdfgh and zxcvbn"), 100.0);
         assert_eq!(task.score(&prompt, " ..., qwerty, poiuyt"), 100.0 / 3.0);

@@ -231,6 +231,7 @@ impl Synthetic for Niah {
         let rendered = ctx.render(&draft(n)?.user, &answer_prefix)?;
         Ok(Prompt {
             answer_at: ctx.token_index_of(&rendered, &placed[0].text),
+            question_at: ctx.question_at(&draft(n)?.user, &answer_prefix)?,
             tokens,
             answers,
             max_new_tokens: ANSWER_TOKENS,
@@ -338,6 +339,7 @@ mod tests {
             answers: vec!["1234567".into(), "7654321".into()],
             max_new_tokens: ANSWER_TOKENS,
             answer_at: None,
+            question_at: None,
         };
         assert_eq!(task.score(&prompt, " 1234567 and 7654321."), 100.0);
         assert_eq!(task.score(&prompt, " 1234567."), 50.0);

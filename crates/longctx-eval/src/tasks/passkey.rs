@@ -83,6 +83,7 @@ impl Synthetic for Passkey {
         let rendered = ctx.render(&user_text(&filler, n, depth, &needle), ANSWER_PREFIX)?;
         Ok(Prompt {
             answer_at: ctx.token_index_of(&rendered, &needle),
+            question_at: ctx.question_at(&user_text(&filler, n, depth, &needle), ANSWER_PREFIX)?,
             tokens,
             answers: vec![key.to_string()],
             max_new_tokens: ANSWER_TOKENS,
@@ -141,6 +142,7 @@ mod tests {
             answers: vec!["4711".into()],
             max_new_tokens: ANSWER_TOKENS,
             answer_at: None,
+            question_at: None,
         };
         assert_eq!(Passkey.score(&prompt, " 4711. It is the key."), 100.0);
         assert_eq!(Passkey.score(&prompt, " 47110"), 0.0);

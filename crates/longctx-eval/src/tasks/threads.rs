@@ -176,6 +176,7 @@ impl Synthetic for Threads {
         let rendered = ctx.render(&user(chars), ANSWER_PREFIX)?;
         Ok(Prompt {
             answer_at: ctx.token_index_of(&rendered, &format!("\"{}\":", keys[0])),
+            question_at: ctx.question_at(&user(chars), ANSWER_PREFIX)?,
             tokens,
             answers: vec![keys[self.hops].clone()],
             max_new_tokens: ANSWER_TOKENS,
@@ -293,6 +294,7 @@ mod tests {
             answers: vec![value.to_string()],
             max_new_tokens: ANSWER_TOKENS,
             answer_at: None,
+            question_at: None,
         };
         assert_eq!(task.score(&prompt, &format!(" \"{value}\"\n")), 100.0);
         assert_eq!(task.score(&prompt, &format!("{value}, then more")), 100.0);

@@ -251,6 +251,7 @@ impl Synthetic for Vt {
         let rendered = ctx.render(&user(n), &prefix)?;
         Ok(Prompt {
             answer_at: ctx.token_index_of(&rendered, &chains[0].lines()[0]),
+            question_at: ctx.question_at(&user(n), &prefix)?,
             tokens,
             answers: chains[0].names.clone(),
             max_new_tokens: ANSWER_TOKENS,
@@ -351,6 +352,7 @@ mod tests {
                 .to_vec(),
             max_new_tokens: ANSWER_TOKENS,
             answer_at: None,
+            question_at: None,
         };
         assert_eq!(task.score(&prompt, " QWERT ASDFG ZXCVB POIUY LKJHG"), 100.0);
         assert_eq!(task.score(&prompt, " qwert, zxcvb"), 40.0);
