@@ -536,6 +536,11 @@ impl Session {
             self.next_position = end;
             done += chunk.tokens.len();
             if compress {
+                if self.policy.repositions() {
+                    // The model's own RoPE fills its table without the frequencies (it reproduces
+                    // llama.cpp's f32 angles), so a policy that moves keys needs them made here.
+                    self.scheme.frequencies(end as usize, &mut self.frequencies);
+                }
                 let step = AfterChunk {
                     phase,
                     guide: feeding == Feeding::Guide,

@@ -248,3 +248,37 @@ fn kept_entries_are_the_full_caches_entries_at_their_positions() {
         }
     }
 }
+
+/// Policies that re-position kept tokens (StreamingLLM, Finch) must leave each key exactly as if
+/// it had been rotated at its new position. With one token repeated, layer 0's key at position p
+/// is the same vector rotated to p, which the full cache holds at slot p.
+#[test]
+fn repositioned_keys_equal_keys_rotated_at_their_new_positions() {
+    let model = model();
+    let ids = vec![17u32; 100];
+    let mut full = session(&model, "full", "none", 128).unwrap();
+    full.prefill(&ids).unwrap();
+    for spec in ["streaming:sinks=4,window=20", "finch:budget=24,window=4"] {
+        let mut s = session(&model, spec, "none", 8).unwrap();
+        s.prefill(&ids).unwrap();
+        let (c, f) = (s.cache(), full.cache());
+        assert!(c.layer_len(0) <= 32, "{spec}: {} kept", c.layer_len(0));
+        let (mut a, mut b) = (vec![0f32; c.head_dim], vec![0f32; c.head_dim]);
+        for head in 0..c.n_kv_head {
+            for (slot, &p) in c.positions(0, head).iter().enumerate() {
+                assert_eq!(p, slot as i32, "{spec}: positions inside the cache");
+                c.read_key(0, head, slot, &mut a);
+                f.read_key(0, head, slot, &mut b);
+                let diff = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    diff < 1e-3,
+                    "{spec}: head {head} slot {slot} differs by {diff}"
+                );
+            }
+        }
+    }
+}
