@@ -30,7 +30,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONGCTX = os.path.join(ROOT, "target", "release", "longctx")
-POLICIES = ["full", "snapkv:budget=1024", "streaming:sinks=4,window=1020"]
+POLICIES = ["full", "snapkv:budget=1024", "streaming:sinks=4,window=1020", "snapkv:budget=1024+kivi:bits=4"]
 LLAMA_TYPES = [("f16", False), ("f16", True), ("q8_0", True), ("q4_0", True)]
 BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
@@ -102,6 +102,7 @@ def main():
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="runs per configuration; the median is reported")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "kv", "bench.jsonl"))
+    ap.add_argument("--only", help="configurations to run, separated by ';' (e.g. 'full;snapkv:budget=1024;f16'); default all")
     args = ap.parse_args()
     if not os.path.exists(LONGCTX):
         sys.exit("build longctx first: cargo build --release -p longctx-cli")
@@ -118,6 +119,8 @@ def main():
     for depth in [int(d) for d in args.depths.split(",")]:
         for engine, config in configs:
             if (depth, engine, config) in done:
+                continue
+            if args.only and config not in args.only.split(";"):
                 continue
             runs = []
             for _ in range(args.rounds):
