@@ -39,10 +39,20 @@ for tasks in "niah_single_2 niah_multikey_1 niah_multivalue" "vt cwe"; do
         done
     done
 done
-for ratio in 0.5 0.1; do
-    for task in niah_single_2 niah_multikey_1 niah_multivalue vt cwe; do
-        for mode in aware agnostic; do
+for task in niah_single_2 niah_multikey_1 niah_multivalue vt cwe; do
+    for mode in aware agnostic; do
+        for ratio in 0.5 0.1; do
             for policy in $POLICIES; do run "$task" "$(spec "$policy" "$ratio")" "$mode"; done
         done
     done
+done
+# Chunked prefill (the cache bounded by budget + 512 while the prompt goes in) and KIVI.
+CHUNK=512
+for task in niah_single_2 niah_multikey_1 niah_multivalue vt cwe; do
+    for policy in $POLICIES; do run "$task" "$(spec "$policy" 0.25)" aware; done
+done
+CHUNK=8192
+for task in niah_single_2 niah_multikey_1 niah_multivalue vt cwe; do
+    for bits in 8 4 2; do run "$task" "kivi:bits=$bits" aware; done
+    run "$task" "snapkv:ratio=0.25+kivi:bits=4" aware
 done
