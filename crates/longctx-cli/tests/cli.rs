@@ -473,7 +473,7 @@ fn eval_bad_inputs_are_reported() {
     let model = tiny_model();
     let out = dir.path().join("x");
     let out = out.to_str().unwrap();
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         (
             &["eval", "needle", "--model", &model],
             "unknown task `needle`",
@@ -528,11 +528,24 @@ fn eval_bad_inputs_are_reported() {
                 "--model",
                 &model,
                 "--kv",
-                "snapkv:budget=64",
+                "lru:budget=64",
                 "--out",
                 out,
             ],
-            "unknown KV policy `snapkv`",
+            "unknown KV policy `lru`",
+        ),
+        (
+            &[
+                "eval",
+                "passkey",
+                "--model",
+                &model,
+                "--kv",
+                "snapkv:budget=0",
+                "--out",
+                out,
+            ],
+            "`snapkv:budget=0` would keep nothing",
         ),
         (
             &[
