@@ -73,6 +73,9 @@ fn kv_help() -> String {
     for entry in longctx::kv::POLICIES {
         help.push_str(&format!("  {:<12} {}\n", entry.name, entry.about));
     }
+    help.push_str(
+        "  kivi         KIVI quantization (keys per channel, values per token, bits=2|4|8), alone or after a policy: snapkv:budget=1024+kivi:bits=4\n",
+    );
     help
 }
 
