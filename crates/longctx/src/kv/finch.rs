@@ -94,8 +94,7 @@ impl AttentionObserver for Finch {
 
     fn observe(&self, layer: usize, _head: usize, kv_head: usize, _: i32, weights: &[f32]) {
         let seen = weights.len() as f32;
-        let scaled: Vec<f32> = weights.iter().map(|w| w * seen).collect();
-        self.snap.votes.add(layer, kv_head, &scaled);
+        self.snap.votes.add_scaled(layer, kv_head, weights, seen);
     }
 }
 
@@ -151,15 +150,7 @@ impl KvPolicy for Finch {
             self.stage = Stage::Plain;
         }
         self.question = None;
-        cache.reposition(
-            &|positions| {
-                for (slot, p) in positions.iter_mut().enumerate() {
-                    *p = slot as i32;
-                }
-            },
-            step.frequencies,
-            step.rope_style,
-        );
+        cache.move_to_slots(step.frequencies, step.rope_style);
         Some(cache.len() as i32)
     }
 

@@ -658,6 +658,20 @@ impl KvCache {
         }
     }
 
+    /// Moves every kept token to the position of its slot, 0, 1, …: positions inside the cache,
+    /// as StreamingLLM and Finch take them after an eviction.
+    pub fn move_to_slots(&mut self, freqs: &[f64], style: RopeStyle) {
+        self.reposition(
+            &|positions| {
+                for (slot, p) in positions.iter_mut().enumerate() {
+                    *p = slot as i32;
+                }
+            },
+            freqs,
+            style,
+        );
+    }
+
     /// Rotates the plain or grouped key of every slot of one head by its `deltas` entry.
     #[allow(clippy::too_many_arguments)]
     fn shift_keys(

@@ -75,6 +75,17 @@ impl ChunkInfo {
     pub fn last(&self, n: usize) -> std::ops::Range<i32> {
         (self.positions.end - n as i32).max(self.positions.start)..self.positions.end
     }
+
+    /// The queries that vote in an observation-window policy (SnapKV and those built on its
+    /// vote): the last `window` of a prompt chunk that leaves more than `keep` tokens, none
+    /// otherwise.
+    pub fn voters(&self, keep: usize, window: usize) -> std::ops::Range<i32> {
+        if self.phase != Phase::Decode && self.cache_len_after > keep {
+            self.last(window)
+        } else {
+            0..0
+        }
+    }
 }
 
 /// What a policy may use after a chunk.
@@ -243,12 +254,17 @@ impl AttentionSums {
 
     /// Adds one query's weights over the first `weights.len()` slots.
     pub fn add(&self, layer: usize, kv_head: usize, weights: &[f32]) {
+        self.add_scaled(layer, kv_head, weights, 1.0);
+    }
+
+    /// Adds one query's weights times `factor` (Finch's normalisation), without a copy.
+    pub fn add_scaled(&self, layer: usize, kv_head: usize, weights: &[f32], factor: f32) {
         let mut sums = lock(&self.sums[layer * self.n_kv_head + kv_head]);
         if sums.len() < weights.len() {
             sums.resize(weights.len(), 0.0);
         }
         for (s, w) in sums.iter_mut().zip(weights) {
-            *s += w;
+            *s += w * factor;
         }
     }
 

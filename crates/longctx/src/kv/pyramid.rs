@@ -15,7 +15,7 @@
 //! With chunked prefill the budgets are those of the whole prompt, and every chunk that leaves a
 //! layer above its budget is voted on by its last `window` queries, as SnapKV does here.
 
-use super::policy::{bounded_peak, AfterChunk, Budget, ChunkInfo, KvPolicy, Phase, Shape};
+use super::policy::{bounded_peak, AfterChunk, Budget, ChunkInfo, KvPolicy, Shape};
 use super::snapkv::SnapKv;
 use super::{AttentionObserver, KvCache};
 use crate::spec::{Params, SpecPart};
@@ -113,12 +113,9 @@ impl KvPolicy for PyramidKv {
     fn before_chunk(&mut self, chunk: &ChunkInfo) {
         // The fullest layer holds `cache_len_after`; the vote is needed as soon as it overflows
         // the smallest budget (the last layer's).
-        let least = self.budgets.iter().copied().min();
-        self.snap.observing = match least {
-            Some(least) if chunk.phase != Phase::Decode && chunk.cache_len_after > least => {
-                chunk.last(self.snap.window)
-            }
-            _ => 0..0,
+        self.snap.observing = match self.budgets.iter().copied().min() {
+            Some(least) => chunk.voters(least, self.snap.window),
+            None => 0..0,
         };
     }
 
@@ -145,6 +142,7 @@ impl KvPolicy for PyramidKv {
 mod tests {
     use super::*;
     use crate::kv::policy::testing;
+    use crate::kv::policy::Phase;
     use crate::kv::KvDtype;
     use crate::spec::Spec;
 

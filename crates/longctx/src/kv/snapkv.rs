@@ -12,7 +12,7 @@
 //! chunk; a prompt that fits in one chunk is compressed exactly as in the paper.
 
 use super::policy::{bounded_peak, top_k, AfterChunk, AttentionSums, Budget, ChunkInfo, Pooling};
-use super::policy::{pool1d, KvPolicy, Phase, Shape};
+use super::policy::{pool1d, KvPolicy, Shape};
 use super::{AttentionObserver, KvCache};
 use crate::spec::{Params, SpecPart};
 use crate::Result;
@@ -137,11 +137,7 @@ impl KvPolicy for SnapKv {
     }
 
     fn before_chunk(&mut self, chunk: &ChunkInfo) {
-        self.observing = if chunk.phase != Phase::Decode && chunk.cache_len_after > self.keep {
-            chunk.last(self.window)
-        } else {
-            0..0
-        };
+        self.observing = chunk.voters(self.keep, self.window);
     }
 
     fn after_chunk(&mut self, cache: &mut KvCache, _: &AfterChunk) -> Option<i32> {

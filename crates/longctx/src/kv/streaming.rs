@@ -92,15 +92,7 @@ impl KvPolicy for Streaming {
             return None;
         }
         cache.retain(&self.kept(len));
-        cache.reposition(
-            &|positions| {
-                for (slot, p) in positions.iter_mut().enumerate() {
-                    *p = slot as i32;
-                }
-            },
-            step.frequencies,
-            step.rope_style,
-        );
+        cache.move_to_slots(step.frequencies, step.rope_style);
         Some(cache.len() as i32)
     }
 

@@ -35,7 +35,7 @@
 //! chunk.
 
 use super::policy::{bounded_peak, top_k, AfterChunk, AttentionSums, Budget, ChunkInfo};
-use super::policy::{KvPolicy, Phase, Shape};
+use super::policy::{KvPolicy, Shape};
 use super::{AttentionObserver, KvCache};
 use crate::spec::{Params, SpecPart};
 use crate::{Error, Result};
@@ -165,11 +165,7 @@ impl KvPolicy for WindowKv {
     }
 
     fn before_chunk(&mut self, chunk: &ChunkInfo) {
-        self.observing = if chunk.phase != Phase::Decode && chunk.cache_len_after > self.keep {
-            chunk.last(self.window)
-        } else {
-            0..0
-        };
+        self.observing = chunk.voters(self.keep, self.window);
     }
 
     fn after_chunk(&mut self, cache: &mut KvCache, _: &AfterChunk) -> Option<i32> {
@@ -209,6 +205,7 @@ impl KvPolicy for WindowKv {
 mod tests {
     use super::*;
     use crate::kv::policy::testing;
+    use crate::kv::policy::Phase;
     use crate::kv::KvDtype;
     use crate::spec::Spec;
 
