@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use crate::gguf::Gguf;
 use crate::kv::policy::{AfterChunk, ChunkInfo, Phase};
-use crate::kv::{AttentionObserver, KvCache, KvPolicy, Shape};
-use crate::model::{forward, Chunk, Config, FarScratch, Scratch, Weights};
+use crate::kv::{AttentionObserver, Kivi, KvCache, KvPolicy, Observers, Shape};
+use crate::model::{forward, Buffers, Chunk, Config, FarScratch, Scratch, Sequence, Weights};
 use crate::positions::{GroupBlocks, ModelRope, PositionScheme};
 use crate::spec::Spec;
 use crate::threads::ThreadPool;
@@ -15,6 +15,9 @@ use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
 pub use crate::kv::KvDtype;
+
+mod batch;
+pub use batch::{decode_batch, DecodeBatch};
 
 /// A loaded model: weights (memory-mapped, shared read-only), configuration and tokenizer.
 pub struct Model {
@@ -117,8 +120,9 @@ fn available_memory() -> Option<usize> {
 pub struct Session {
     pub model: Arc<Model>,
     options: SessionOptions,
-    pool: ThreadPool,
+    pool: Arc<ThreadPool>,
     cache: KvCache,
+    buffers: Buffers,
     scratch: Scratch,
     scheme: Box<dyn PositionScheme>,
     /// Position the next token will take.
@@ -151,33 +155,44 @@ enum Feeding {
     Guide,
 }
 
-/// The external observer and the policy, both told of the weights they ask for.
-struct Observers<'a>(&'a [&'a dyn AttentionObserver]);
+/// A chunk between [`Session::prepare_chunk`] and [`Session::finish_chunk`].
+#[derive(Clone, Copy)]
+struct Step {
+    feeding: Feeding,
+    phase: Phase,
+    /// The position after the chunk's last token.
+    end: i32,
+}
 
-impl AttentionObserver for Observers<'_> {
-    fn wants(&self, layer: usize, position: i32) -> bool {
-        self.0.iter().any(|o| o.wants(layer, position))
+impl Step {
+    /// Whether the policy observes the chunk's attention and compresses the cache after it.
+    fn compress(self) -> bool {
+        matches!(
+            self.feeding,
+            Feeding::Prompt | Feeding::Decode | Feeding::Guide
+        )
     }
 
-    fn observe(&self, layer: usize, head: usize, kv_head: usize, position: i32, w: &[f32]) {
-        for o in self.0 {
-            if o.wants(layer, position) {
-                o.observe(layer, head, kv_head, position, w);
-            }
-        }
+    fn guide(self) -> bool {
+        self.feeding == Feeding::Guide
     }
 }
 
-impl Session {
-    pub fn new(model: Arc<Model>, options: SessionOptions) -> Result<Self> {
+/// What a session's options resolve to, checked: everything but the allocations.
+struct Plan {
+    n_ctx: usize,
+    chunk: usize,
+    rope: Spec,
+    scheme: Box<dyn PositionScheme>,
+    policy: Box<dyn KvPolicy>,
+    kivi: Option<Kivi>,
+}
+
+impl Plan {
+    fn new(model: &Arc<Model>, options: &SessionOptions) -> Result<Self> {
         if options.chunk_size == 0 {
             return Err(Error::InvalidOption(
                 "the chunk size must be at least 1 token".into(),
-            ));
-        }
-        if options.threads == 0 {
-            return Err(Error::InvalidOption(
-                "the thread count must be at least 1".into(),
             ));
         }
         let c = &model.config;
@@ -186,8 +201,8 @@ impl Session {
         } else {
             options.n_ctx
         };
-        let rope = crate::positions::resolve(&options.rope, &model)?;
-        let scheme = crate::positions::scheme_for(&rope, &model, n_ctx)?;
+        let rope = crate::positions::resolve(&options.rope, model)?;
+        let scheme = crate::positions::scheme_for(&rope, model, n_ctx)?;
         let policy = crate::kv::build_policy(&options.kv, &Shape::of(c))?;
         let kivi = crate::kv::build_kivi(&options.kv, &Shape::of(c))?;
         if policy.repositions() && (scheme.group_blocks().is_some() || scheme.varies_with_length())
@@ -209,7 +224,6 @@ impl Session {
                 options.rope
             )));
         }
-        let grouped_keys = far.filter(|f| f.moves_keys());
         let chunk = options.chunk_size.min(n_ctx);
         let kv_bytes = match &kivi {
             Some(kivi) => kivi.bytes_for(options.kv_dtype, &Shape::of(c), n_ctx, chunk),
@@ -219,10 +233,81 @@ impl Session {
                 c.n_kv_head,
                 c.head_dim,
                 n_ctx,
-                grouped_keys.is_some(),
+                far.is_some_and(|f| f.moves_keys()),
             ),
         };
         check_memory(kv_bytes, n_ctx)?;
+        Ok(Self {
+            n_ctx,
+            chunk,
+            rope,
+            scheme,
+            policy,
+            kivi,
+        })
+    }
+}
+
+/// Whether `tokens` in the cache and `generated` more fit `options.n_ctx` under `policy`.
+fn fits(
+    policy: &dyn KvPolicy,
+    options: &SessionOptions,
+    tokens: usize,
+    generated: usize,
+) -> Result<()> {
+    let peak = policy.peak_slots(tokens, options.chunk_size, generated);
+    if peak <= options.n_ctx {
+        return Ok(());
+    }
+    if policy.spec() == "full" {
+        return Err(Error::ContextOverflow {
+            tokens,
+            reserve: generated,
+            ctx: options.n_ctx,
+        });
+    }
+    Err(Error::PolicyOverflow {
+        policy: policy.spec(),
+        peak,
+        ctx: options.n_ctx,
+    })
+}
+
+impl Session {
+    /// A session with a thread pool of its own, of `options.threads` threads.
+    pub fn new(model: Arc<Model>, options: SessionOptions) -> Result<Self> {
+        if options.threads == 0 {
+            return Err(Error::InvalidOption(
+                "the thread count must be at least 1".into(),
+            ));
+        }
+        let pool = Arc::new(ThreadPool::new(options.threads));
+        Self::with_pool(model, options, pool)
+    }
+
+    /// A session whose forward passes run on `pool`, which it can share with other sessions and
+    /// with a [`DecodeBatch`] (a server's, whose sessions would otherwise spawn threads each).
+    /// `options.threads` gives way to the pool's size (never 0: the caller's thread counts).
+    pub fn with_pool(
+        model: Arc<Model>,
+        options: SessionOptions,
+        pool: Arc<ThreadPool>,
+    ) -> Result<Self> {
+        let options = SessionOptions {
+            threads: pool.threads(),
+            ..options
+        };
+        let c = &model.config;
+        let Plan {
+            n_ctx,
+            chunk,
+            rope,
+            scheme,
+            policy,
+            kivi,
+        } = Plan::new(&model, &options)?;
+        let far = scheme.far();
+        let grouped_keys = far.filter(|f| f.moves_keys());
         let mut cache = KvCache::new(options.kv_dtype, c.n_layer, c.n_kv_head, c.head_dim, n_ctx);
         if let Some(f) = grouped_keys {
             cache.keep_grouped_keys(f.group);
@@ -233,7 +318,8 @@ impl Session {
         let mut scratch = Scratch::new(c, chunk, n_ctx, options.threads);
         scratch.far = far.map(|map| FarScratch::new(map, c, chunk));
         Ok(Self {
-            pool: ThreadPool::new(options.threads),
+            pool,
+            buffers: Buffers::new(c, chunk),
             logits: vec![0.0; c.vocab],
             model,
             options: SessionOptions {
@@ -267,24 +353,45 @@ impl Session {
     /// after them fits the cache under its policy.
     pub fn check_fits(&self, prompt: usize, generated: usize) -> Result<()> {
         let tokens = self.cache.len() + prompt;
-        let peak = self
-            .policy
-            .peak_slots(tokens, self.options.chunk_size, generated);
-        if peak <= self.options.n_ctx {
-            return Ok(());
+        fits(self.policy.as_ref(), &self.options, tokens, generated)
+    }
+
+    /// Checks that a session made with `options` would take a prompt of `prompt` tokens and
+    /// generate `generated` after it, without making one (no cache is allocated): what a server
+    /// answers before it queues a request. The errors are those of [`Session::new`] and
+    /// [`Session::check_fits`].
+    pub fn check_request(
+        model: &Arc<Model>,
+        options: &SessionOptions,
+        prompt: usize,
+        generated: usize,
+    ) -> Result<()> {
+        let plan = Plan::new(model, options)?;
+        let options = SessionOptions {
+            n_ctx: plan.n_ctx,
+            chunk_size: plan.chunk,
+            ..options.clone()
+        };
+        fits(plan.policy.as_ref(), &options, prompt, generated)
+    }
+
+    /// Cuts the cache back to its first `len` tokens, so that a prompt sharing them goes on
+    /// from there (a server's prefix cache). Only a cache that holds every token at its own
+    /// position holds a prefix of them: the full policy, without KIVI or grouped positions.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        let holds_prefix = self.policy_spec() == "full" && self.scheme.group_blocks().is_none();
+        if !holds_prefix || len > self.cache.len() {
+            return Err(Error::InvalidOption(format!(
+                "cannot cut a cache of {} tokens under --kv {} --rope {} back to {len} tokens;                  only the full cache holds a prefix of its tokens",
+                self.cache.len(),
+                self.policy_spec(),
+                self.options.rope
+            )));
         }
-        if self.policy.spec() == "full" {
-            return Err(Error::ContextOverflow {
-                tokens,
-                reserve: generated,
-                ctx: self.options.n_ctx,
-            });
-        }
-        Err(Error::PolicyOverflow {
-            policy: self.policy.spec(),
-            peak,
-            ctx: self.options.n_ctx,
-        })
+        self.cache.truncate(len);
+        self.next_position = len as i32;
+        self.policy.reset();
+        Ok(())
     }
 
     /// Feeds a prompt (chunked, the KV policy compressing between chunks); returns the logits
@@ -421,12 +528,9 @@ impl Session {
         self.cached_frequencies.clone_from(&self.frequencies);
     }
 
-    fn feed(
-        &mut self,
-        tokens: &[u32],
-        mut all_logits: Option<&mut [f32]>,
-        feeding: Feeding,
-    ) -> Result<()> {
+    /// Refuses, before any work, tokens that cannot be fed: none, an id outside the vocabulary,
+    /// or more than the cache holds.
+    fn check_feed(&self, tokens: &[u32], feeding: Feeding) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::EmptyPrompt);
         }
@@ -435,129 +539,162 @@ impl Session {
             return Err(Error::BadToken { id, vocab });
         }
         match feeding {
-            Feeding::Prompt => self.check_fits(tokens.len(), 0)?,
+            Feeding::Prompt => self.check_fits(tokens.len(), 0),
             _ if self.cache.len() + tokens.len() > self.cache.capacity() => {
-                return Err(Error::ContextOverflow {
+                Err(Error::ContextOverflow {
                     tokens: self.cache.len() + tokens.len(),
                     reserve: 0,
                     ctx: self.cache.capacity(),
                 })
             }
-            _ => {}
+            _ => Ok(()),
         }
+    }
+
+    fn feed(
+        &mut self,
+        tokens: &[u32],
+        mut all_logits: Option<&mut [f32]>,
+        feeding: Feeding,
+    ) -> Result<()> {
+        self.check_feed(tokens, feeding)?;
         if feeding == Feeding::Prompt {
             self.policy.begin(self.cache.len() + tokens.len());
         }
-        let compress = matches!(feeding, Feeding::Prompt | Feeding::Decode | Feeding::Guide);
-        let model = self.model.clone();
+        let (model, pool) = (self.model.clone(), self.pool.clone());
+        let vocab = model.config.vocab;
         let mut done = 0;
         for chunk in tokens.chunks(self.options.chunk_size) {
-            if let Some(blocks) = self.scheme.group_blocks() {
-                self.regroup_cache(blocks);
-            }
             let last = done + chunk.len() == tokens.len();
-            let phase = match feeding {
-                Feeding::Decode => Phase::Decode,
-                _ if last => Phase::PrefillEnd,
-                _ => Phase::Prefill,
-            };
-            let start = self.next_position;
-            let end = start + chunk.len() as i32;
-            if compress {
-                self.policy.before_chunk(&ChunkInfo {
-                    phase,
-                    positions: start..end,
-                    cache_len_after: self.cache.len() + chunk.len(),
-                    guide: feeding == Feeding::Guide,
-                });
-            }
-            self.positions.clear();
-            self.positions.extend(start..end);
-            // The sequence length a dynamic scheme sees: the highest position so far, plus one.
-            let seq_len = end as usize;
-            if self.scheme.varies_with_length() {
-                self.rerotate_cache(seq_len);
-            }
-            self.cache.push_slots(&self.positions)?;
-            self.scheme.fill_table(
-                &self.positions,
-                seq_len,
-                &mut self.frequencies,
-                &mut self.scratch.rotary,
-            );
-            if let Some(far) = &mut self.scratch.far {
-                far.fill(
-                    self.scheme.as_ref(),
-                    &self.positions,
-                    seq_len,
-                    &mut self.frequencies,
-                    &self.scratch.rotary,
-                );
-            }
+            let step = self.prepare_chunk(chunk.len(), feeding, last)?;
+            let (buffers, sequence, logits) = self.split(step.compress());
             let (rows, out): (std::ops::Range<usize>, &mut [f32]) = match all_logits.as_deref_mut()
             {
                 Some(all) => (
                     0..chunk.len(),
                     &mut all[done * vocab..(done + chunk.len()) * vocab],
                 ),
-                None if last => (chunk.len() - 1..chunk.len(), &mut self.logits[..]),
+                None if last => (chunk.len() - 1..chunk.len(), logits),
                 None => (0..0, &mut []),
             };
             let chunk = Chunk {
                 tokens: chunk,
-                positions: &self.positions,
                 logit_rows: rows,
-            };
-            let policy: &dyn AttentionObserver = self.policy.as_ref();
-            let external = self
-                .observer
-                .as_deref()
-                .map(|o| o as &dyn AttentionObserver);
-            let (both, observers);
-            let observer = match (compress, external) {
-                (true, Some(external)) => {
-                    both = [policy, external];
-                    observers = Observers(&both);
-                    Some(&observers as &dyn AttentionObserver)
-                }
-                (true, None) => Some(policy),
-                (false, external) => external,
             };
             forward(
                 &model.weights,
                 &model.config,
-                &self.pool,
-                &mut self.cache,
-                &mut self.scratch,
+                &pool,
+                buffers,
+                sequence,
                 &chunk,
-                observer,
                 out,
             );
-            self.next_position = end;
             done += chunk.tokens.len();
-            if compress {
-                if self.policy.repositions() {
-                    // The model's own RoPE fills its table without the frequencies (it reproduces
-                    // llama.cpp's f32 angles), so a policy that moves keys needs them made here.
-                    self.scheme.frequencies(end as usize, &mut self.frequencies);
-                }
-                let step = AfterChunk {
-                    phase,
-                    guide: feeding == Feeding::Guide,
-                    next_position: end,
-                    frequencies: &self.frequencies,
-                    rope_style: model.config.rope_style,
-                };
-                if let Some(next) = self.policy.after_chunk(&mut self.cache, &step) {
-                    self.next_position = next;
-                }
-            }
-            self.cache.settle();
+            self.finish_chunk(step);
         }
         if let Some(all) = all_logits {
             self.logits
                 .copy_from_slice(&all[(tokens.len() - 1) * vocab..]);
         }
         Ok(())
+    }
+
+    /// Readies the session for its next `len` tokens (the call's last if `last`): Self-Extend's
+    /// regrouping, the policy's choice of queries to observe, the tokens' positions, their slots
+    /// in the cache and their rotary tables.
+    fn prepare_chunk(&mut self, len: usize, feeding: Feeding, last: bool) -> Result<Step> {
+        if let Some(blocks) = self.scheme.group_blocks() {
+            self.regroup_cache(blocks);
+        }
+        let phase = match feeding {
+            Feeding::Decode => Phase::Decode,
+            _ if last => Phase::PrefillEnd,
+            _ => Phase::Prefill,
+        };
+        let start = self.next_position;
+        let step = Step {
+            feeding,
+            phase,
+            end: start + len as i32,
+        };
+        if step.compress() {
+            self.policy.before_chunk(&ChunkInfo {
+                phase,
+                positions: start..step.end,
+                cache_len_after: self.cache.len() + len,
+                guide: step.guide(),
+            });
+        }
+        self.positions.clear();
+        self.positions.extend(start..step.end);
+        // The sequence length a dynamic scheme sees: the highest position so far, plus one.
+        let seq_len = step.end as usize;
+        if self.scheme.varies_with_length() {
+            self.rerotate_cache(seq_len);
+        }
+        self.cache.push_slots(&self.positions)?;
+        self.scheme.fill_table(
+            &self.positions,
+            seq_len,
+            &mut self.frequencies,
+            &mut self.scratch.rotary,
+        );
+        if let Some(far) = &mut self.scratch.far {
+            far.fill(
+                self.scheme.as_ref(),
+                &self.positions,
+                seq_len,
+                &mut self.frequencies,
+                &self.scratch.rotary,
+            );
+        }
+        Ok(step)
+    }
+
+    /// The session as a forward pass takes it: its activation buffers, the sequence it attends
+    /// over (observed by the policy when it compresses, and by the external observer), and its
+    /// logits.
+    fn split(&mut self, compress: bool) -> (&mut Buffers, Sequence<'_>, &mut [f32]) {
+        let policy: &dyn AttentionObserver = self.policy.as_ref();
+        let observers = Observers {
+            policy: compress.then_some(policy),
+            external: self
+                .observer
+                .as_deref()
+                .map(|o| o as &dyn AttentionObserver),
+        };
+        let sequence = Sequence {
+            cache: &mut self.cache,
+            scratch: &mut self.scratch,
+            positions: &self.positions,
+            observers,
+        };
+        (&mut self.buffers, sequence, &mut self.logits)
+    }
+
+    /// Ends a chunk the model has been through: the policy evicts or re-positions, and the cache
+    /// settles.
+    fn finish_chunk(&mut self, step: Step) {
+        self.next_position = step.end;
+        if step.compress() {
+            if self.policy.repositions() {
+                // The model's own RoPE fills its table without the frequencies (it reproduces
+                // llama.cpp's f32 angles), so a policy that moves keys needs them made here.
+                self.scheme
+                    .frequencies(step.end as usize, &mut self.frequencies);
+            }
+            let after = AfterChunk {
+                phase: step.phase,
+                guide: step.guide(),
+                next_position: step.end,
+                frequencies: &self.frequencies,
+                rope_style: self.model.config.rope_style,
+            };
+            if let Some(next) = self.policy.after_chunk(&mut self.cache, &after) {
+                self.next_position = next;
+            }
+        }
+        self.cache.settle();
     }
 }

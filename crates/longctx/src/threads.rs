@@ -9,7 +9,7 @@
 use std::cell::UnsafeCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle, Thread};
 
 /// Spins before a waiting thread starts yielding its core: covers the serial work between two
@@ -39,9 +39,13 @@ unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
 /// A fixed set of threads that run one closure on every thread at once.
+///
+/// Threads that share a pool (a server's sessions) take turns: one region runs at a time.
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<(JoinHandle<()>, Thread)>,
+    /// Held by the caller whose region is running: `Shared` has room for one job at a time.
+    running: Mutex<()>,
 }
 
 impl ThreadPool {
@@ -68,7 +72,11 @@ impl ThreadPool {
                 (handle, thread)
             })
             .collect();
-        Self { shared, workers }
+        Self {
+            shared,
+            workers,
+            running: Mutex::new(()),
+        }
     }
 
     /// Threads in the pool, the caller's included.
@@ -83,6 +91,11 @@ impl ThreadPool {
             job(0, 1);
             return;
         }
+        // A panicking job leaves nothing half done: its region was waited for before it unwound.
+        let _turn = self
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // SAFETY: see `Shared`; the lifetime is erased because we wait below for every worker
         // to finish with the pointer before returning.
         unsafe {
@@ -216,6 +229,26 @@ mod tests {
                 }
                 assert!(covered.iter().all(|&c| c == 1), "len {len} n {n}");
             }
+        }
+    }
+
+    #[test]
+    fn threads_sharing_a_pool_take_turns() {
+        let pool = ThreadPool::new(3);
+        let hits: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..500 {
+                        pool.run(&|i, _| {
+                            hits[i].fetch_add(1, Ordering::Relaxed);
+                        });
+                    }
+                });
+            }
+        });
+        for h in &hits {
+            assert_eq!(h.load(Ordering::Relaxed), 2000);
         }
     }
 

@@ -197,3 +197,56 @@ fn kivi_at_8_bits_stays_close_to_full_precision_in_fewer_bytes() {
     };
     assert!(refused.to_string().contains("far query"), "{refused}");
 }
+
+/// A server's prefix cache: a session cut back to a shared prefix goes on exactly as a session
+/// that was fed only that prefix.
+#[test]
+fn a_truncated_cache_continues_like_one_fed_only_the_prefix() {
+    let model = Model::load(&fixture("llama-q4_1.gguf")).unwrap();
+    let ids = tokens(60, model.config.vocab);
+    let (prefix, rest, other) = (&ids[..20], &ids[20..45], &ids[45..]);
+    let mut reused = session(&model, 16, KvDtype::F16);
+    reused.prefill(&[prefix, rest].concat()).unwrap();
+    reused.decode(7).unwrap();
+    reused.truncate(prefix.len()).unwrap();
+    assert_eq!(reused.n_past(), prefix.len());
+    let mut fresh = session(&model, 16, KvDtype::F16);
+    fresh.prefill(prefix).unwrap();
+    assert_eq!(
+        reused.prefill(other).unwrap(),
+        fresh.prefill(other).unwrap()
+    );
+    assert_eq!(reused.decode(9).unwrap(), fresh.decode(9).unwrap());
+    assert!(reused.truncate(1000).is_err());
+
+    let options = SessionOptions {
+        n_ctx: 256,
+        threads: 2,
+        chunk_size: 64,
+        kv: "snapkv:budget=16".parse().unwrap(),
+        ..SessionOptions::default()
+    };
+    let mut compressed = Session::new(model.clone(), options.clone()).unwrap();
+    compressed.prefill(&ids).unwrap();
+    let err = compressed.truncate(10).unwrap_err().to_string();
+    assert!(err.contains("only the full cache"), "{err}");
+
+    // The same checks a session makes, without making one.
+    assert!(Session::check_request(&model, &options, 5000, 16).is_ok());
+    let full = SessionOptions {
+        kv: "full".parse().unwrap(),
+        ..options
+    };
+    let err = Session::check_request(&model, &full, 250, 16).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            longctx::Error::ContextOverflow {
+                tokens: 250,
+                reserve: 16,
+                ctx: 256
+            }
+        ),
+        "{err}"
+    );
+}

@@ -148,7 +148,7 @@ fn split_spec(spec: &Spec) -> Result<(Option<&SpecPart>, Option<&SpecPart>)> {
 }
 
 pub use kivi::Kivi;
-pub use observer::AttentionObserver;
+pub use observer::{AttentionObserver, Observers};
 
 use half::f16;
 
@@ -758,6 +758,21 @@ impl KvCache {
                 }
                 KvData::F32(k) => table.rotate(&mut k[at..at + d], slot, style),
             }
+        }
+    }
+
+    /// Keeps the first `len` slots of every layer and head: a prefix of the tokens, where no
+    /// policy has thinned or quantized the cache.
+    pub fn truncate(&mut self, len: usize) {
+        assert!(
+            self.kivi.is_none(),
+            "a KIVI cache does not hold its tokens in slot order"
+        );
+        for l in &mut self.lens {
+            *l = (*l).min(len);
+        }
+        for list in &mut self.positions {
+            list.truncate(len);
         }
     }
 

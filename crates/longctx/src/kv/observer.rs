@@ -14,3 +14,37 @@ pub trait AttentionObserver: Sync {
     /// The weights (summing to 1) of one query head over the visible cache slots, oldest first.
     fn observe(&self, _layer: usize, _head: usize, _kv_head: usize, _position: i32, _: &[f32]) {}
 }
+
+/// The KV policy's observer and the caller's as one, each told only of the weights it asks for.
+#[derive(Clone, Copy, Default)]
+pub struct Observers<'a> {
+    pub policy: Option<&'a dyn AttentionObserver>,
+    pub external: Option<&'a dyn AttentionObserver>,
+}
+
+impl Observers<'_> {
+    /// What the attention kernel is handed: None when nobody observes, so that it never asks.
+    pub fn get(&self) -> Option<&dyn AttentionObserver> {
+        match (self.policy, self.external) {
+            (Some(_), Some(_)) => Some(self),
+            (one, other) => one.or(other),
+        }
+    }
+}
+
+impl AttentionObserver for Observers<'_> {
+    fn wants(&self, layer: usize, position: i32) -> bool {
+        [self.policy, self.external]
+            .iter()
+            .flatten()
+            .any(|o| o.wants(layer, position))
+    }
+
+    fn observe(&self, layer: usize, head: usize, kv_head: usize, position: i32, w: &[f32]) {
+        for o in [self.policy, self.external].iter().flatten() {
+            if o.wants(layer, position) {
+                o.observe(layer, head, kv_head, position, w);
+            }
+        }
+    }
+}

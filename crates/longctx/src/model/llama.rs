@@ -2,11 +2,14 @@
 //!
 //! Read top to bottom, it is the architecture diagram: embed, then per layer
 //! `x += Wo·attn(rope(Wq·norm(x)), cache)` and `x += Wdown·(silu(Wgate·norm(x)) ⊙ Wup·norm(x))`,
-//! then a final norm and the output projection. Shapes: T tokens in the chunk, E embedding,
-//! H/Hkv query/KV heads, D head size, F feed-forward size, V vocabulary.
+//! then a final norm and the output projection. [`forward`] runs a chunk of one sequence's
+//! tokens through it; [`forward_batch`] runs one token of each of several sequences, whose
+//! matmuls share one pass over the weights while each attends over its own cache. Shapes: T
+//! tokens in the call, E embedding, H/Hkv query/KV heads, D head size, F feed-forward size, V
+//! vocabulary.
 
 use crate::gguf::Gguf;
-use crate::kv::{AttentionObserver, KvCache, KvData};
+use crate::kv::{AttentionObserver, KvCache, KvData, Observers};
 use crate::model::attention::{
     attend, attend_block, block_stride, FarQuery, FarRow, QueryRow, Reduction, BLOCK_TOKENS,
     MAX_HEAD_DIM,
@@ -122,8 +125,9 @@ impl Weights {
     }
 }
 
-/// Buffers of one forward call, allocated once per session for its largest chunk.
-pub struct Scratch {
+/// The activations of a forward call's tokens, allocated once for the most tokens a call takes
+/// (a session's chunk, or a batch's sequences).
+pub struct Buffers {
     x: Vec<f32>,    // [T, E] residual stream
     xn: Vec<f32>,   // [T, E] normalised
     q: Vec<f32>,    // [T, H·D]
@@ -134,6 +138,11 @@ pub struct Scratch {
     gate: Vec<f32>, // [T, F]
     up: Vec<f32>,   // [T, F]
     acts: ActCache,
+}
+
+/// What one sequence's attention needs besides the activations, allocated once per session for
+/// its largest chunk.
+pub struct Scratch {
     /// Attention scores per thread: one row as long as the cache per query of a block
     /// ([`BLOCK_TOKENS`] tokens times the heads sharing a KV head).
     scores: Vec<std::sync::Mutex<Vec<f32>>>,
@@ -219,8 +228,8 @@ impl FarScratch {
     }
 }
 
-impl Scratch {
-    pub fn new(c: &Config, max_tokens: usize, ctx: usize, threads: usize) -> Self {
+impl Buffers {
+    pub fn new(c: &Config, max_tokens: usize) -> Self {
         let t = max_tokens;
         Self {
             x: vec![0.0; t * c.n_embd],
@@ -233,6 +242,125 @@ impl Scratch {
             gate: vec![0.0; t * c.n_ff],
             up: vec![0.0; t * c.n_ff],
             acts: ActCache::default(),
+        }
+    }
+
+    /// Whether the buffers hold `tokens` tokens of a model of this shape.
+    pub fn fits(&self, c: &Config, tokens: usize) -> bool {
+        self.x.len() >= tokens * c.n_embd
+            && self.q.len() >= tokens * c.n_head * c.head_dim
+            && self.k.len() >= tokens * c.n_kv_head * c.head_dim
+            && self.gate.len() >= tokens * c.n_ff
+    }
+
+    /// x ← the tokens' embeddings.
+    fn embed(&mut self, w: &Weights, tokens: &[u32]) {
+        let e = w.token_embd.cols;
+        for (&tok, x) in tokens.iter().zip(self.x.chunks_exact_mut(e)) {
+            w.token_embd.dequantize_row(tok as usize, x);
+        }
+    }
+
+    /// q, k, v ← Wq·norm(x), Wk·norm(x), Wv·norm(x) (plus biases) for the first `t` tokens.
+    fn project_qkv(&mut self, c: &Config, lw: &LayerWeights, pool: &ThreadPool, t: usize) {
+        let (e, qd, kvd) = (c.n_embd, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
+        rms_norm(
+            &self.x[..t * e],
+            &lw.attn_norm,
+            c.rms_eps,
+            &mut self.xn[..t * e],
+        );
+        let (q, k, v) = (
+            &mut self.q[..t * qd],
+            &mut self.k[..t * kvd],
+            &mut self.v[..t * kvd],
+        );
+        matmul(
+            pool,
+            &mut self.acts,
+            &self.xn[..t * e],
+            t,
+            &mut [job(&lw.attn_q, q), job(&lw.attn_k, k), job(&lw.attn_v, v)],
+        );
+        add_bias(&mut self.q[..t * qd], lw.attn_q_bias.as_deref());
+        add_bias(&mut self.k[..t * kvd], lw.attn_k_bias.as_deref());
+        add_bias(&mut self.v[..t * kvd], lw.attn_v_bias.as_deref());
+    }
+
+    /// x += Wo·att for the first `t` tokens.
+    fn project_back(&mut self, c: &Config, lw: &LayerWeights, pool: &ThreadPool, t: usize) {
+        let (e, qd) = (c.n_embd, c.n_head * c.head_dim);
+        matmul(
+            pool,
+            &mut self.acts,
+            &self.att[..t * qd],
+            t,
+            &mut [job(&lw.attn_output, &mut self.tmp[..t * e])],
+        );
+        add_into(&mut self.x[..t * e], &self.tmp[..t * e]);
+    }
+
+    /// x += Wdown·(silu(Wgate·norm(x)) ⊙ Wup·norm(x)) for the first `t` tokens (SwiGLU).
+    fn feed_forward(&mut self, c: &Config, lw: &LayerWeights, pool: &ThreadPool, t: usize) {
+        let (e, ff) = (c.n_embd, c.n_ff);
+        rms_norm(
+            &self.x[..t * e],
+            &lw.ffn_norm,
+            c.rms_eps,
+            &mut self.xn[..t * e],
+        );
+        let (gate, up) = (&mut self.gate[..t * ff], &mut self.up[..t * ff]);
+        matmul(
+            pool,
+            &mut self.acts,
+            &self.xn[..t * e],
+            t,
+            &mut [job(&lw.ffn_gate, gate), job(&lw.ffn_up, up)],
+        );
+        silu_mul(pool, &mut self.gate[..t * ff], &self.up[..t * ff]);
+        matmul(
+            pool,
+            &mut self.acts,
+            &self.gate[..t * ff],
+            t,
+            &mut [job(&lw.ffn_down, &mut self.tmp[..t * e])],
+        );
+        add_into(&mut self.x[..t * e], &self.tmp[..t * e]);
+    }
+
+    /// logits ← Wout·norm(x) for the first `t` tokens, `[t, V]`.
+    fn head(&mut self, w: &Weights, c: &Config, pool: &ThreadPool, t: usize, logits: &mut [f32]) {
+        let e = c.n_embd;
+        rms_norm(
+            &self.x[..t * e],
+            &w.output_norm,
+            c.rms_eps,
+            &mut self.xn[..t * e],
+        );
+        matmul(
+            pool,
+            &mut self.acts,
+            &self.xn[..t * e],
+            t,
+            &mut [job(&w.output, logits)],
+        );
+    }
+
+    /// Moves the tokens `rows` of the attention output and of the residual stream to the front
+    /// of their buffers; returns how many remain.
+    fn keep_rows(&mut self, c: &Config, rows: &std::ops::Range<usize>) -> usize {
+        let (e, qd) = (c.n_embd, c.n_head * c.head_dim);
+        for (to, from) in rows.clone().enumerate() {
+            self.att.copy_within(from * qd..(from + 1) * qd, to * qd);
+            self.x.copy_within(from * e..(from + 1) * e, to * e);
+        }
+        rows.len()
+    }
+}
+
+impl Scratch {
+    pub fn new(c: &Config, max_tokens: usize, ctx: usize, threads: usize) -> Self {
+        Self {
             scores: (0..threads)
                 .map(|_| std::sync::Mutex::new(vec![0.0; ctx * block_rows(c, max_tokens)]))
                 .collect(),
@@ -240,13 +368,32 @@ impl Scratch {
             far: None,
         }
     }
+
+    /// Threads of the pools this scratch can attend with: its score rows are indexed by thread.
+    pub fn threads(&self) -> usize {
+        self.scores.len()
+    }
 }
 
-/// One chunk of tokens on its way through the model.
+/// One sequence as the forward pass sees it: the cache it attends over and writes its tokens'
+/// keys and values into (in slots reserved with [`KvCache::push_slots`]), the scratch holding
+/// the rotary tables filled for those tokens, their positions, and who observes its attention.
+pub struct Sequence<'a> {
+    pub cache: &'a mut KvCache,
+    pub scratch: &'a mut Scratch,
+    pub positions: &'a [i32],
+    pub observers: Observers<'a>,
+}
+
+/// The sequences of a batched decode step ([`forward_batch`]).
+pub trait Sequences {
+    /// Sequence `i`, which feeds one token.
+    fn sequence(&mut self, i: usize) -> Sequence<'_>;
+}
+
+/// One chunk of one sequence's tokens on its way through the model.
 pub struct Chunk<'a> {
     pub tokens: &'a [u32],
-    /// Position of each token (the rotary table is filled for these).
-    pub positions: &'a [i32],
     /// Rows of the chunk whose logits are wanted.
     pub logit_rows: std::ops::Range<usize>,
 }
@@ -255,143 +402,130 @@ fn job<'a>(weight: &'a Weight, out: &'a mut [f32]) -> MatmulJob<'a> {
     MatmulJob { weight, out }
 }
 
-/// Runs a chunk through the model, writing its keys and values into the last slots of each
-/// layer of `cache` (reserved with [`KvCache::push_slots`]), and writes the logits of
+/// Runs a chunk of `seq`'s tokens through the model and writes the logits of
 /// `chunk.logit_rows` into `logits` (`[rows, V]`).
-#[allow(clippy::too_many_arguments)]
 pub fn forward(
     w: &Weights,
     c: &Config,
     pool: &ThreadPool,
-    cache: &mut KvCache,
-    s: &mut Scratch,
+    b: &mut Buffers,
+    mut seq: Sequence,
     chunk: &Chunk,
-    observer: Option<&dyn AttentionObserver>,
     logits: &mut [f32],
 ) {
     let t = chunk.tokens.len();
-    let (e, hd, ff) = (c.n_embd, c.head_dim, c.n_ff);
-    let (qd, kvd) = (c.n_head * hd, c.n_kv_head * hd);
-    // token embeddings
-    for (i, &tok) in chunk.tokens.iter().enumerate() {
-        w.token_embd
-            .dequantize_row(tok as usize, &mut s.x[i * e..(i + 1) * e]);
-    }
+    debug_assert_eq!(seq.positions.len(), t);
+    b.embed(w, chunk.tokens);
     for (l, lw) in w.layers.iter().enumerate() {
-        // Layers may hold different numbers of tokens (PyramidKV): the chunk fills the end of each.
-        let first_slot = cache.layer_len(l) - t;
         // attention: project, rotate, cache, attend, project back
-        rms_norm(&s.x[..t * e], &lw.attn_norm, c.rms_eps, &mut s.xn[..t * e]);
-        let (q, k, v) = (&mut s.q[..t * qd], &mut s.k[..t * kvd], &mut s.v[..t * kvd]);
-        matmul(
-            pool,
-            &mut s.acts,
-            &s.xn[..t * e],
-            t,
-            &mut [job(&lw.attn_q, q), job(&lw.attn_k, k), job(&lw.attn_v, v)],
-        );
-        add_bias(&mut s.q[..t * qd], lw.attn_q_bias.as_deref());
-        add_bias(&mut s.k[..t * kvd], lw.attn_k_bias.as_deref());
-        add_bias(&mut s.v[..t * kvd], lw.attn_v_bias.as_deref());
-        for i in 0..t {
-            if let Some(far) = &mut s.far {
-                far.rotate_queries(&s.q[i * qd..(i + 1) * qd], i, c);
-                if far.map.moves_keys() {
-                    let k = &s.k[i * kvd..(i + 1) * kvd];
-                    far.cache_grouped_keys(k, i, cache, l, first_slot + i, c);
-                }
-            }
-            for head in s.q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
-                s.rotary.rotate_query(head, i, c.rope_style);
-            }
-            for head in s.k[i * kvd..(i + 1) * kvd].chunks_exact_mut(hd) {
-                s.rotary.rotate(head, i, c.rope_style);
-            }
-            for h in 0..c.n_kv_head {
-                let r = i * kvd + h * hd..i * kvd + (h + 1) * hd;
-                cache.write(l, h, first_slot + i, &s.k[r.clone()], &s.v[r]);
-            }
-        }
-        let input = AttentionInput {
-            layer: l,
-            first_slot,
-            positions: chunk.positions,
-            q: &s.q[..t * qd],
-            far: s.far.as_ref().map(|far| (far.map, &far.q[..t * qd])),
-        };
-        attention(
-            c,
-            pool,
-            cache,
-            input,
-            &mut s.att[..t * qd],
-            &s.scores,
-            observer,
-        );
+        b.project_qkv(c, lw, pool, t);
+        self_attention(c, pool, &mut seq, l, b, 0..t);
         // Only the rows whose logits are wanted need the last layer's output: like llama.cpp
         // (`inp_out_ids`), finish that layer on those rows alone, which also gives its matmuls
         // llama.cpp's row count and hence its kernels.
         let t = if l + 1 == w.layers.len() {
-            keep_rows(s, &chunk.logit_rows, e, qd)
+            b.keep_rows(c, &chunk.logit_rows)
         } else {
             t
         };
         if t == 0 {
             return;
         }
-        matmul(
-            pool,
-            &mut s.acts,
-            &s.att[..t * qd],
-            t,
-            &mut [job(&lw.attn_output, &mut s.tmp[..t * e])],
-        );
-        add_into(&mut s.x[..t * e], &s.tmp[..t * e]);
+        b.project_back(c, lw, pool, t);
         // feed-forward: SwiGLU
-        rms_norm(&s.x[..t * e], &lw.ffn_norm, c.rms_eps, &mut s.xn[..t * e]);
-        let (gate, up) = (&mut s.gate[..t * ff], &mut s.up[..t * ff]);
-        matmul(
-            pool,
-            &mut s.acts,
-            &s.xn[..t * e],
-            t,
-            &mut [job(&lw.ffn_gate, gate), job(&lw.ffn_up, up)],
-        );
-        silu_mul(pool, &mut s.gate[..t * ff], &s.up[..t * ff]);
-        matmul(
-            pool,
-            &mut s.acts,
-            &s.gate[..t * ff],
-            t,
-            &mut [job(&lw.ffn_down, &mut s.tmp[..t * e])],
-        );
-        add_into(&mut s.x[..t * e], &s.tmp[..t * e]);
+        b.feed_forward(c, lw, pool, t);
     }
     // output head, over the rows kept in the last layer
-    let rows = chunk.logit_rows.len();
-    rms_norm(
-        &s.x[..rows * e],
-        &w.output_norm,
-        c.rms_eps,
-        &mut s.xn[..rows * e],
-    );
-    matmul(
-        pool,
-        &mut s.acts,
-        &s.xn[..rows * e],
-        rows,
-        &mut [job(&w.output, logits)],
-    );
+    b.head(w, c, pool, chunk.logit_rows.len(), logits);
 }
 
-/// Moves the chunk's rows `rows` of the attention output and of the residual stream to the
-/// front of their buffers; returns how many rows remain.
-fn keep_rows(s: &mut Scratch, rows: &std::ops::Range<usize>, e: usize, qd: usize) -> usize {
-    for (to, from) in rows.clone().enumerate() {
-        s.att.copy_within(from * qd..(from + 1) * qd, to * qd);
-        s.x.copy_within(from * e..(from + 1) * e, to * e);
+/// [`forward`] for one token of each of several sequences (`tokens[i]` is sequence `i`'s): every
+/// matmul reads its weights once for all of them, while each sequence attends over its own cache
+/// with its own tables and observers. Writes the logits of every token, `[tokens, V]`.
+pub fn forward_batch<S: Sequences + ?Sized>(
+    w: &Weights,
+    c: &Config,
+    pool: &ThreadPool,
+    b: &mut Buffers,
+    seqs: &mut S,
+    tokens: &[u32],
+    logits: &mut [f32],
+) {
+    let n = tokens.len();
+    b.embed(w, tokens);
+    for (l, lw) in w.layers.iter().enumerate() {
+        // attention: project together, then rotate, cache and attend sequence by sequence
+        b.project_qkv(c, lw, pool, n);
+        for i in 0..n {
+            self_attention(c, pool, &mut seqs.sequence(i), l, b, i..i + 1);
+        }
+        b.project_back(c, lw, pool, n);
+        // feed-forward: SwiGLU
+        b.feed_forward(c, lw, pool, n);
     }
-    rows.len()
+    b.head(w, c, pool, n, logits);
+}
+
+/// Attention of `seq`'s tokens, which are rows `rows` of the buffers' projections: rotates
+/// their queries and keys at their positions (its tables' row `i` for its `i`-th token), writes
+/// their keys and values into the last slots of `layer` of its cache, and attends into `b.att`.
+fn self_attention(
+    c: &Config,
+    pool: &ThreadPool,
+    seq: &mut Sequence,
+    layer: usize,
+    b: &mut Buffers,
+    rows: std::ops::Range<usize>,
+) {
+    let (hd, qd, kvd) = (c.head_dim, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
+    let t = rows.len();
+    let (q, k, v) = (
+        &mut b.q[rows.start * qd..rows.end * qd],
+        &mut b.k[rows.start * kvd..rows.end * kvd],
+        &b.v[rows.start * kvd..rows.end * kvd],
+    );
+    let (cache, s) = (&mut *seq.cache, &mut *seq.scratch);
+    // Layers may hold different numbers of tokens (PyramidKV): the chunk fills the end of each.
+    let first_slot = cache.layer_len(layer) - t;
+    for i in 0..t {
+        let (q, k, v) = (
+            &mut q[i * qd..(i + 1) * qd],
+            &mut k[i * kvd..(i + 1) * kvd],
+            &v[i * kvd..(i + 1) * kvd],
+        );
+        if let Some(far) = &mut s.far {
+            far.rotate_queries(q, i, c);
+            if far.map.moves_keys() {
+                far.cache_grouped_keys(k, i, cache, layer, first_slot + i, c);
+            }
+        }
+        for head in q.chunks_exact_mut(hd) {
+            s.rotary.rotate_query(head, i, c.rope_style);
+        }
+        for head in k.chunks_exact_mut(hd) {
+            s.rotary.rotate(head, i, c.rope_style);
+        }
+        for h in 0..c.n_kv_head {
+            let r = h * hd..(h + 1) * hd;
+            cache.write(layer, h, first_slot + i, &k[r.clone()], &v[r]);
+        }
+    }
+    let input = AttentionInput {
+        layer,
+        first_slot,
+        positions: seq.positions,
+        q,
+        far: s.far.as_ref().map(|far| (far.map, &far.q[..t * qd])),
+    };
+    attention(
+        c,
+        pool,
+        cache,
+        input,
+        &mut b.att[rows.start * qd..rows.end * qd],
+        &s.scores,
+        seq.observers.get(),
+    );
 }
 
 /// ggml's RMSNorm: mean of squares accumulated in f64, then scaled and multiplied by the weight.

@@ -7,4 +7,7 @@ mod swiglu;
 
 pub use attention::{attend, FarQuery, Reduction, MAX_HEAD_DIM};
 pub use config::{Architecture, Config};
-pub use llama::{forward, Chunk, FarScratch, LayerWeights, Scratch, Weights};
+pub use llama::{
+    forward, forward_batch, Buffers, Chunk, FarScratch, LayerWeights, Scratch, Sequence, Sequences,
+    Weights,
+};
