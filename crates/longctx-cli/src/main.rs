@@ -7,6 +7,7 @@ mod eval;
 mod fetch;
 mod rope_search;
 mod run;
+mod serve;
 mod tokenize;
 
 use std::process::ExitCode;
@@ -40,6 +41,9 @@ enum Command {
     /// Search per-dimension RoPE factors for a target length (LongRoPE's evolutionary search),
     /// for use as `--rope longrope:factors=FILE`; resumable.
     RopeSearch(rope_search::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API, with per-request `--rope`/`--kv`
+    /// (the `longctx` field), continuous batching and a prefix cache.
+    Serve(serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::main(args),
         Command::Eval(args) => eval::main(args),
         Command::RopeSearch(args) => rope_search::main(args),
+        Command::Serve(args) => serve::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

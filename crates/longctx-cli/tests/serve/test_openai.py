@@ -1,0 +1,325 @@
+"""Drives a running `longctx serve` with the official `openai` client, as an application would.
+
+Started by crates/longctx-cli/tests/serve.rs, which starts the server (--ctx 1024
+--max-concurrent 2 --max-queue 2 --max-body-mib 1) and passes its address in LONGCTX_BASE_URL.
+"""
+
+import json
+import os
+import threading
+import time
+import unittest
+
+import httpx
+import openai
+from openai import OpenAI
+
+BASE = os.environ["LONGCTX_BASE_URL"]
+CTX = int(os.environ.get("LONGCTX_CTX", "1024"))
+
+QUESTION = "Name three colours that a rainbow shows."
+# Long, distinct text for the prefix cache and the window tests, in our own words.
+ESSAY = (
+    "A lighthouse keeper on a windy island kept a notebook of every ship that passed. "
+    "Some days there were none, and he wrote about the gulls, the tides and the colour "
+    "of the water instead. "
+)
+
+
+def client(**kwargs):
+    return OpenAI(base_url=BASE + "/v1", api_key="unused", max_retries=0, timeout=120, **kwargs)
+
+
+def chat(text, **kwargs):
+    return client().chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": text}], **kwargs
+    )
+
+
+def metric(name):
+    text = httpx.get(BASE + "/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} missing from /metrics:\n{text}")
+
+
+class Chat(unittest.TestCase):
+    def test_chat_answers_with_usage(self):
+        r = chat(QUESTION, max_tokens=8, temperature=0)
+        choice = r.choices[0]
+        self.assertEqual(r.object, "chat.completion")
+        self.assertEqual(choice.message.role, "assistant")
+        self.assertTrue(choice.message.content)
+        self.assertIn(choice.finish_reason, ("stop", "length"))
+        self.assertGreater(r.usage.prompt_tokens, 5)
+        self.assertLessEqual(r.usage.completion_tokens, 8)
+        self.assertEqual(r.usage.total_tokens, r.usage.prompt_tokens + r.usage.completion_tokens)
+        if choice.finish_reason == "length":
+            self.assertEqual(r.usage.completion_tokens, 8)
+
+    def test_greedy_is_deterministic_and_seeded_sampling_reproduces(self):
+        a = chat(QUESTION, max_tokens=12, temperature=0).choices[0].message.content
+        b = chat(QUESTION, max_tokens=12, temperature=0).choices[0].message.content
+        self.assertEqual(a, b)
+        c = chat(QUESTION, max_tokens=12, temperature=1.0, seed=7).choices[0].message.content
+        d = chat(QUESTION, max_tokens=12, temperature=1.0, seed=7).choices[0].message.content
+        self.assertEqual(c, d)
+
+    def test_streaming_matches_the_whole_response(self):
+        whole = chat(QUESTION, max_tokens=12, temperature=0)
+        chunks = list(
+            chat(QUESTION, max_tokens=12, temperature=0, stream=True,
+                 stream_options={"include_usage": True})
+        )
+        self.assertTrue(all(c.object == "chat.completion.chunk" for c in chunks))
+        self.assertEqual(chunks[0].choices[0].delta.role, "assistant")
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        self.assertEqual(text, whole.choices[0].message.content)
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        self.assertEqual(finishes, [whole.choices[0].finish_reason])
+        last = chunks[-1]
+        self.assertEqual(last.choices, [])
+        self.assertEqual(last.usage.completion_tokens, whole.usage.completion_tokens)
+        self.assertEqual(last.usage.prompt_tokens, whole.usage.prompt_tokens)
+
+    def test_streaming_without_usage_sends_none(self):
+        chunks = list(chat(QUESTION, max_tokens=4, temperature=0, stream=True))
+        self.assertTrue(all(c.usage is None for c in chunks))
+
+    def test_stop_sequences_cut_the_text(self):
+        full = chat(QUESTION, max_tokens=24, temperature=0).choices[0].message.content
+        words = full.split()
+        self.assertGreater(len(words), 3, full)
+        stop = words[2]
+        expected = full[: full.index(stop)]
+        r = chat(QUESTION, max_tokens=24, temperature=0, stop=[stop, "never-appears"])
+        self.assertEqual(r.choices[0].message.content, expected)
+        self.assertEqual(r.choices[0].finish_reason, "stop")
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in chat(QUESTION, max_tokens=24, temperature=0, stop=stop, stream=True)
+            if c.choices
+        )
+        self.assertEqual(streamed, expected)
+
+    def test_logprobs(self):
+        r = chat(QUESTION, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+        content = r.choices[0].logprobs.content
+        self.assertEqual(len(content), r.usage.completion_tokens)
+        for item in content:
+            self.assertLessEqual(item.logprob, 0.0)
+            self.assertEqual(len(item.top_logprobs), 3)
+            tops = [t.logprob for t in item.top_logprobs]
+            self.assertEqual(tops, sorted(tops, reverse=True))
+            # Greedy picks the most likely token.
+            self.assertEqual(item.token, item.top_logprobs[0].token)
+            self.assertAlmostEqual(item.logprob, tops[0], places=4)
+
+
+class Completions(unittest.TestCase):
+    def test_completion_text_and_stream(self):
+        c = client()
+        r = c.completions.create(model="smollm2", prompt="The sea is", max_tokens=6, temperature=0)
+        self.assertEqual(r.object, "text_completion")
+        self.assertTrue(r.choices[0].text)
+        self.assertLessEqual(r.usage.completion_tokens, 6)
+        streamed = "".join(
+            ch.choices[0].text
+            for ch in c.completions.create(
+                model="smollm2", prompt="The sea is", max_tokens=6, temperature=0, stream=True
+            )
+            if ch.choices
+        )
+        self.assertEqual(streamed, r.choices[0].text)
+
+    def test_token_prompt_and_logprobs(self):
+        c = client()
+        ids = httpx.post(BASE + "/tokenize", json={"content": "The sea is"}).json()["tokens"]
+        by_text = c.completions.create(model="m", prompt="The sea is", max_tokens=5, temperature=0)
+        by_ids = c.completions.create(model="m", prompt=ids, max_tokens=5, temperature=0, logprobs=2)
+        self.assertEqual(by_text.choices[0].text, by_ids.choices[0].text)
+        lp = by_ids.choices[0].logprobs
+        self.assertEqual(len(lp.tokens), by_ids.usage.completion_tokens)
+        self.assertTrue(all(len(t) == 2 for t in lp.top_logprobs))
+
+
+class Extension(unittest.TestCase):
+    def test_per_request_kv_policy_and_rope(self):
+        long = ESSAY * 6 + QUESTION
+        plain = chat(long, max_tokens=6, temperature=0)
+        budget = chat(long, max_tokens=6, temperature=0,
+                      extra_body={"longctx": {"kv": "streaming:budget=64"}})
+        self.assertEqual(budget.usage.prompt_tokens, plain.usage.prompt_tokens)
+        self.assertGreater(plain.usage.prompt_tokens, 64)
+        roped = chat(long, max_tokens=6, temperature=0,
+                     extra_body={"longctx": {"rope": "yarn:factor=2", "kv": "snapkv:budget=96"}})
+        self.assertTrue(roped.choices[0].message.content)
+
+    def test_a_window_too_small_for_the_prompt_is_fitted_by_a_policy(self):
+        long = ESSAY * 30 + QUESTION
+        with self.assertRaises(openai.BadRequestError) as e:
+            chat(long, max_tokens=16)
+        err = e.exception.body
+        self.assertEqual(err["code"], "context_length_exceeded")
+        self.assertIn(str(CTX), err["message"])
+        self.assertIn("--kv", err["message"])
+        self.assertIn("--ctx", err["message"])
+        # The option the message names does fit.
+        spec = err["message"].split('"kv": "')[1].split('"')[0]
+        r = chat(long, max_tokens=16, temperature=0, extra_body={"longctx": {"kv": spec}})
+        self.assertGreater(r.usage.prompt_tokens, CTX)
+
+    def test_bad_specs_are_400s_naming_the_problem(self):
+        for ext, word in [({"kv": "no_such_policy"}, "no_such_policy"),
+                          ({"rope": "yarn:facter=2"}, "facter"),
+                          ({"kv": "snapkv:budget=0"}, "budget"),
+                          ({"kvv": "full"}, "kvv")]:
+            with self.assertRaises(openai.BadRequestError) as e:
+                chat(QUESTION, max_tokens=2, extra_body={"longctx": ext})
+            self.assertIn(word, e.exception.body["message"])
+
+
+class PrefixCache(unittest.TestCase):
+    def ask(self, system, question):
+        return client().chat.completions.create(
+            model="m", max_tokens=4, temperature=0, logprobs=True, top_logprobs=3,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}])
+
+    def test_a_shared_prefix_is_reused_and_reported(self):
+        system = f"Session {time.time_ns()}. " + ESSAY * 4
+        first = self.ask(system, "Who kept the notebook?")
+        second = self.ask(system, "What did he write about?")
+        # Only the template's opening tokens can be shared with earlier requests.
+        self.assertLess(first.usage.prompt_tokens_details.cached_tokens, 10)
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        self.assertGreater(cached, 150)
+        self.assertLess(cached, second.usage.prompt_tokens)
+        # The same request again reuses all but the last prompt token, and sees the same
+        # next-token distribution, up to the rounding of feeding one token instead of the tail.
+        again = self.ask(system, "What did he write about?")
+        self.assertEqual(again.usage.prompt_tokens_details.cached_tokens, again.usage.prompt_tokens - 1)
+        a, b = again.choices[0].logprobs.content[0], second.choices[0].logprobs.content[0]
+        self.assertEqual(a.token, b.token)
+        for x, y in zip(a.top_logprobs, b.top_logprobs):
+            self.assertEqual(x.token, y.token)
+            self.assertAlmostEqual(x.logprob, y.logprob, delta=0.02)
+
+
+class Errors(unittest.TestCase):
+    def post(self, body, path="/v1/chat/completions", **kwargs):
+        return httpx.post(BASE + path, content=body, headers={"content-type": "application/json"}, **kwargs)
+
+    def assert_error(self, r, status, param=None):
+        self.assertEqual(r.status_code, status, r.text)
+        err = r.json()["error"]
+        self.assertTrue(err["message"])
+        self.assertIn("type", err)
+        if param:
+            self.assertEqual(err["param"], param)
+        return err
+
+    def test_malformed_json(self):
+        self.assert_error(self.post(b'{"messages": [}'), 400)
+        self.assert_error(self.post(b""), 400)
+        self.assert_error(self.post(b"[1, 2]"), 400)
+
+    def test_wrong_field_types(self):
+        msgs = [{"role": "user", "content": "hi"}]
+        self.assert_error(self.post(json.dumps({"messages": msgs, "max_tokens": "ten"})), 400, "max_tokens")
+        self.assert_error(self.post(json.dumps({"messages": "hi"})), 400, "messages")
+        self.assert_error(self.post(json.dumps({"messages": msgs, "stop": 5})), 400, "stop")
+
+    def test_out_of_range_values(self):
+        for kwargs, param in [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": CTX * 10}, "max_tokens"),
+                              ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+                              ({"n": 2}, "n"), ({"logprobs": True, "top_logprobs": 50}, "top_logprobs")]:
+            with self.assertRaises(openai.BadRequestError) as e:
+                chat(QUESTION, **kwargs)
+            self.assertEqual(e.exception.body["param"], param, kwargs)
+
+    def test_body_over_the_limit_is_413(self):
+        big = json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]})
+        self.assert_error(self.post(big), 413)
+
+    def test_unknown_route_and_method(self):
+        self.assert_error(httpx.get(BASE + "/v1/nothing"), 404)
+        self.assert_error(httpx.get(BASE + "/v1/chat/completions"), 405)
+
+    def test_full_queue_is_429(self):
+        results = []
+
+        def one():
+            try:
+                chat(QUESTION + " Tell me more.", max_tokens=48, temperature=0)
+                results.append(200)
+            except openai.RateLimitError as e:
+                self.assertEqual(e.body["code"], "queue_full")
+                results.append(429)
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertIn(429, results)
+        self.assertIn(200, results)
+        self.assertGreaterEqual(metric("longctx_requests_rejected_total"), 1)
+
+
+class Endpoints(unittest.TestCase):
+    def test_models_health_metrics(self):
+        models = client().models.list().data
+        self.assertEqual(len(models), 1)
+        self.assertEqual(httpx.get(BASE + "/health").json(), {"status": "ok"})
+        chat(QUESTION, max_tokens=2)
+        for name in ["longctx_requests_total", "longctx_prompt_tokens_total", "longctx_generated_tokens_total",
+                     "longctx_prefill_tokens_per_second", "longctx_decode_tokens_per_second",
+                     "longctx_queue_depth", "longctx_kv_bytes_in_use"]:
+            metric(name)
+        self.assertGreater(metric("longctx_kv_bytes_in_use"), 0)
+
+    def test_tokenize_round_trip(self):
+        text = "Tides come and go."
+        ids = httpx.post(BASE + "/tokenize", json={"content": text}).json()["tokens"]
+        self.assertTrue(ids)
+        back = httpx.post(BASE + "/detokenize", json={"tokens": ids}).json()["content"]
+        self.assertEqual(back, text)
+        r = httpx.post(BASE + "/detokenize", json={"tokens": [10**9]})
+        self.assertEqual(r.status_code, 400)
+
+
+class Disconnect(unittest.TestCase):
+    def wait_idle(self):
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if metric("longctx_requests_processing") == 0:
+                return
+            time.sleep(0.2)
+        self.fail("the server kept decoding for a client that left")
+
+    def test_a_client_that_leaves_cancels_its_generation(self):
+        before = metric("longctx_requests_cancelled_total")
+        stream = chat(ESSAY + "Write a long story.", max_tokens=CTX // 2, temperature=0, stream=True)
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        stream.close()
+        self.wait_idle()
+        generated = metric("longctx_generated_tokens_total")
+        time.sleep(0.5)
+        self.assertEqual(metric("longctx_generated_tokens_total"), generated)
+        self.assertGreater(metric("longctx_requests_cancelled_total"), before)
+
+    def test_a_non_streaming_client_that_times_out_cancels_too(self):
+        before = metric("longctx_requests_cancelled_total")
+        with self.assertRaises(openai.APITimeoutError):
+            OpenAI(base_url=BASE + "/v1", api_key="unused", max_retries=0, timeout=1.0).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": ESSAY + "Write a long story."}],
+                max_tokens=CTX // 2, temperature=0)
+        self.wait_idle()
+        self.assertGreater(metric("longctx_requests_cancelled_total"), before)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

@@ -1,0 +1,83 @@
+//! `longctx serve`: the engine behind an OpenAI-compatible HTTP API.
+//!
+//! Handlers parse and check a request (a bad one is answered at once, with OpenAI's error
+//! shape), tokenize it and hand it to the engine thread ([`engine`]), which batches the decode
+//! steps of every running request. Tokens come back over a channel per request, as Server-Sent
+//! Events or collected into one response. A client that goes away closes its channel, and the
+//! engine drops its request at the next step.
+
+pub mod api;
+pub mod engine;
+pub mod error;
+pub mod metrics;
+pub mod prefix_cache;
+mod routes;
+pub mod stop;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use longctx::session::{Model, SessionOptions};
+use longctx::threads::ThreadPool;
+
+pub use routes::router;
+
+/// Everything the server is started with.
+pub struct ServerConfig {
+    pub model: Arc<Model>,
+    /// The id `/v1/models` lists and responses carry.
+    pub model_name: String,
+    /// Options of every request's session; a request's `longctx` object overrides `rope`/`kv`.
+    pub defaults: SessionOptions,
+    /// Requests holding a slot (prefilling or decoding) at once.
+    pub max_concurrent: usize,
+    /// Requests waiting for a slot before new ones get 429.
+    pub max_queue: usize,
+    /// KV bytes the prefix cache may keep.
+    pub prefix_cache_bytes: usize,
+    /// Largest request body accepted.
+    pub body_limit: usize,
+    /// `max_tokens` when a request gives none (less where the window has less room).
+    pub default_max_tokens: usize,
+}
+
+/// Serves on `addr` until Ctrl-C; prints the address it listens on once ready.
+pub fn run(config: ServerConfig, addr: SocketAddr) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}; is the port in use?"))?;
+        let local = listener.local_addr()?;
+        let app = build(config);
+        eprintln!("longctx: serving on http://{local} (OpenAI API under /v1)");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("the server stopped with an error")
+    })
+}
+
+/// The application: starts the engine thread and returns the router over it.
+pub fn build(config: ServerConfig) -> axum::Router {
+    let metrics = metrics::Metrics::default();
+    let pool = Arc::new(ThreadPool::new(config.defaults.threads));
+    let engine = engine::start(
+        config.model.clone(),
+        pool,
+        engine::EngineConfig {
+            max_concurrent: config.max_concurrent,
+            max_queue: config.max_queue,
+            prefix_cache_bytes: config.prefix_cache_bytes,
+        },
+        metrics.clone(),
+    );
+    router(routes::AppState::new(config, engine, metrics))
+}
