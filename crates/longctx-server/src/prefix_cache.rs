@@ -48,10 +48,13 @@ impl PrefixCache {
     }
 
     /// A session made with `key`'s options whose cache holds the longest prefix of `prompt`
-    /// that any kept session has, and that prefix's length. At least the prompt's last token is
-    /// left to feed, because its logits give the first generated token.
+    /// that any kept session has, and that prefix's length. At least the prompt's last two
+    /// tokens are left to feed: the last one's logits give the first generated token, and a
+    /// chunk of two or more tokens runs the attention kernel a whole prompt runs (a single
+    /// token runs the decoding one, whose other summation order moves this model's logits by
+    /// up to ~0.1), so a request served from the cache gets the logits it would get without it.
     pub fn take(&mut self, key: &str, prompt: &[u32]) -> Option<(Session, usize)> {
-        let limit = prompt.len().saturating_sub(1);
+        let limit = prompt.len().saturating_sub(2);
         let best = self
             .idle
             .iter()

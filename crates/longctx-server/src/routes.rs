@@ -324,18 +324,23 @@ fn prepare(state: &AppState, body: &[u8], endpoint: Endpoint) -> Result<Prepared
             (common, tokens, logprobs)
         }
     };
+    let prompt_param = match endpoint {
+        Endpoint::Chat => "messages",
+        Endpoint::Completion => "prompt",
+    };
     if prompt.is_empty() {
-        return Err(ApiError::invalid_param(
-            match endpoint {
-                Endpoint::Chat => "messages",
-                Endpoint::Completion => "prompt",
-            },
-            "the prompt is empty",
-        ));
+        return Err(ApiError::invalid_param(prompt_param, "the prompt is empty"));
     }
     let options = session_options(state, &common)?;
     let sampling = sampling(&common)?;
-    let max_tokens = max_tokens(state, &common, &options, prompt.len())?;
+    let max_tokens =
+        max_tokens(state, &common, &options, prompt.len()).map_err(|e| match e.code {
+            Some("context_length_exceeded") => ApiError {
+                param: Some(prompt_param.to_string()),
+                ..e
+            },
+            _ => e,
+        })?;
     let stop = common
         .stop
         .map(api::Stop::into_list)
@@ -553,15 +558,12 @@ fn over_window(
     } else {
         fits.push(format!("a server started with --ctx {need}"));
     }
-    ApiError::invalid_param(
-        "messages",
-        format!(
-            "the prompt does not fit: this server's context window is {n_ctx} tokens and the \
-             prompt has {prompt} tokens with max_tokens {max_tokens} to generate ({cause}). \
-             Options that fit it: {}. Or shorten the prompt or lower max_tokens.",
-            fits.join("; ")
-        ),
-    )
+    ApiError::invalid(format!(
+        "the prompt does not fit: this server's context window is {n_ctx} tokens and the \
+         prompt has {prompt} tokens with max_tokens {max_tokens} to generate ({cause}). \
+         Options that fit it: {}. Or shorten the prompt or lower max_tokens.",
+        fits.join("; ")
+    ))
     .with_code("context_length_exceeded")
 }
 
