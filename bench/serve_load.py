@@ -1,12 +1,23 @@
 #!/usr/bin/env python3
-"""Load test of `longctx serve` against llama.cpp's server (llama-cpp-python), side by side.
+r"""Load test of `longctx serve` against llama.cpp's servers, side by side.
 
-Both servers run on the same GGUF, the same machine, the same thread count and the same context
-window (--ctx, 8192 by default). For each server and each client count C the script starts the
-server itself on a free loopback port, waits until it answers (`GET /health` for longctx,
-`GET /v1/models` for the peer), runs the load, reads the server's memory, and stops it (SIGINT,
-then kill). Every (server, clients, round) runs in a fresh server process, so rounds do not
-share a warm cache and the peak RSS is that run's own.
+Three servers, all on the same GGUF, the same machine, the same thread count and the same context
+window (--ctx, 8192 by default):
+  - longctx: `longctx serve --max-concurrent C`, so all C clients are decoded together in one batch;
+  - llama-server: llama.cpp's own C++ server, the strongest peer: `-np C` gives it C parallel
+    slots with continuous batching, and `--kv-unified` makes the slots share one KV cache of --ctx
+    tokens (instead of --ctx tokens each), so its memory stays comparable with the others. Every
+    request of this load uses fewer than 200 tokens (prompt + max_tokens 64), so even 16 slots
+    fill well under 8192 and the shared cache never limits it; each row records the largest request
+    (`max_request_tokens`, from the usage chunk) and the table note checks C x that against --ctx.
+    It runs with --no-webui and --offline (nothing would download anyway: the model is a local
+    file and the build below has no curl), other settings at llama-server's defaults;
+  - llama-cpp-python: its Python server (`python -m llama_cpp.server`), one request at a time.
+For each server and each client count C the script starts the server itself on a free loopback
+port, waits until it answers (`GET /health` for longctx and llama-server, which answers 503 while
+the model loads and 200 once it is ready; `GET /v1/models` for llama-cpp-python), runs the load,
+reads the server's memory, and stops it (SIGINT, then kill). Every (server, clients, round) runs in
+a fresh server process, so rounds do not share a warm cache and the peak RSS is that run's own.
 
 The load: C client threads, started together, each sending --requests requests one after
 another to `POST /v1/chat/completions` with "stream": true, "max_tokens": --max-tokens,
@@ -16,7 +27,8 @@ no two requests are identical and a prefix cache cannot answer one from another.
 measured part every client sends one warm-up request (not counted).
 
 Reported per run (one JSON line per server x clients x round in --out, appended and flushed as
-each run ends; a rerun skips the runs already there, so an interrupted sweep resumes):
+each run ends; a rerun skips the runs already there, so an interrupted sweep resumes, and a server
+added later runs alone while the table is made from all the rows):
   - requests/s and output tok/s: finished requests and the sum of their completion tokens over
     the wall time from the start of the load to the end of the last request;
   - latency p50/p99: request sent -> last byte of its stream;
@@ -28,33 +40,46 @@ each run ends; a rerun skips the runs already there, so an interrupted sweep res
     sampled every 0.5 s during the load, and the RSS growth from after the warm-up to the end
     (flagged when above 10%: a sign of a leak or an unbounded cache).
 The table gives the median over --rounds of each number (peak RSS and growth: the largest), and
-the ratios longctx / peer of req/s and tok/s at each client count (> 1: longctx is faster).
+the ratios longctx / peer of req/s and tok/s at each client count for each peer that ran
+(> 1: longctx is faster).
 
-Completion tokens come from the final usage chunk. The peer sends none (llama-cpp-python ignores
-stream_options), so for it a stream that ended with finish_reason "length" counts max_tokens and
-one that stopped earlier counts its content chunks (one per token, except where it joins the
-pieces of a multi-byte character or holds text back while it might start a stop string); the
-`tokens_from` field of each JSON line says which was used. No request sets ignore_eos (not part of
-the OpenAI API), so answers may end at EOS and lengths may differ between servers: the "tok/req"
-column shows the mean, and out tok/s counts what was really generated.
+Completion tokens come from the final usage chunk, which longctx and llama-server send. The
+llama-cpp-python server sends none (it ignores stream_options), so for it a stream that ended with
+finish_reason "length" counts max_tokens and one that stopped earlier counts its content chunks
+(one per token, except where it joins the pieces of a multi-byte character or holds text back
+while it might start a stop string); the `tokens_from` field of each JSON line says which was
+used. No request sets ignore_eos (not part of the OpenAI API), so answers may end at EOS and
+lengths may differ between servers: the "tok/req" column shows the mean, and out tok/s counts
+what was really generated.
 
-The peer, llama-cpp-python's server, handles one request at a time: a lock around its single
-llama context, no continuous batching. With C clients its requests wait their turn, so its
-latency and TTFT grow with C while its req/s stays flat. That is its real behaviour, not a fault
-of this benchmark. It is started with --interrupt_requests false: by default it ends a running
-stream early whenever another request is waiting, which would cut answers short under load.
-longctx runs with --max-concurrent C, so all C clients are decoded together in one batch.
+llama-cpp-python's server handles one request at a time: a lock around its single llama context,
+no continuous batching. With C clients its requests wait their turn, so its latency and TTFT grow
+with C while its req/s stays flat. That is its real behaviour, not a fault of this benchmark. It
+is started with --interrupt_requests false: by default it ends a running stream early whenever
+another request is waiting, which would cut answers short under load.
 
     python3 bench/serve_load.py --clients 1,4,16 --rounds 3
-    python3 bench/serve_load.py --servers longctx --clients 1,4 --requests 2 --markdown serve.md
+    python3 bench/serve_load.py --servers longctx,llama-server --clients 1,4 --requests 2 --markdown serve.md
     python3 bench/serve_load.py --longctx-args="--kv snapkv:budget=1024 --prefix-cache-mib 0"
+    python3 bench/serve_load.py --llama-server-args="--cache-ram 0"
 
-Needs a release build (`cargo build --release -p longctx-cli`) and, for the peer,
-`pip install 'llama-cpp-python[server]'` in the python given by --peer-python (default
-/opt/peer/venv/bin/python; skipped with a note when missing). The client is Python's standard
-library only (threads, http.client, SSE parsed by hand), so it runs anywhere; it runs on the same
-machine as the server and costs both servers alike. These machines are small (2 cores) and
-noisy: run on an otherwise idle machine and read the medians.
+Needs a release build (`cargo build --release -p longctx-cli`). The peers are optional: each is
+skipped with a note when missing.
+  - llama-server (--llama-server-bin, default $LLAMA_SERVER, else the path below), built from the
+    llama.cpp source vendored in llama-cpp-python's sdist, so that both peers run the same
+    llama.cpp:
+        pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36
+        tar xzf llama_cpp_python-0.3.36.tar.gz && cd llama_cpp_python-0.3.36/vendor/llama.cpp
+        cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX2=ON \
+              -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON
+        cmake --build build --target llama-server     # -> build/bin/llama-server
+    GGML_NATIVE=OFF with explicit instruction sets, because a native build (-march=native) can
+    emit instructions (e.g. AVX-512) that a sandbox or VM faults on with SIGILL.
+  - llama-cpp-python: `pip install 'llama-cpp-python[server]'` in the python given by
+    --peer-python (default /opt/peer/venv/bin/python).
+The client is Python's standard library only (threads, http.client, SSE parsed by hand), so it
+runs anywhere; it runs on the same machine as the server and costs every server alike. These
+machines are small (2 cores) and noisy: run on an otherwise idle machine and read the medians.
 """
 
 import argparse
@@ -75,10 +100,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONGCTX = os.path.join(ROOT, "target", "release", "longctx")
 DEFAULT_MODEL = os.path.expanduser("~/.cache/longctx/models/SmolLM2-135M-Instruct.Q4_1.gguf")
 PEER_PYTHON = "/opt/peer/venv/bin/python"
-SERVERS = ["longctx", "llama-cpp-python"]
+LLAMA_SERVER = "/tmp/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server"
+SERVERS = ["longctx", "llama-server", "llama-cpp-python"]
+PEERS = SERVERS[1:]  # the table gives longctx / each of these
+READY_PATH = {"longctx": "/health", "llama-server": "/health", "llama-cpp-python": "/v1/models"}
 PEER_NOTE = ("llama-cpp-python's server handles one request at a time (one llama context behind a "
              "lock, no continuous batching): with C clients its requests queue, which is its real "
              "behaviour, not a fault of the benchmark.")
+LLAMA_SERVER_NOTE = ("llama-server runs with -np C (C parallel slots, continuous batching) and "
+                     "--kv-unified (the slots share one KV cache of {ctx} tokens instead of having "
+                     "{ctx} each, so its memory stays comparable)")
 GROWTH_FLAG = 0.10  # RSS growth after warm-up above this fraction is flagged
 
 # Short questions of different kinds, so that answers differ; picked round-robin per request.
@@ -261,6 +292,13 @@ def server_command(name, args, model, port, clients):
         return [args.longctx_bin, "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
                 "--threads", str(args.threads), "--ctx", str(args.ctx),
                 "--max-concurrent", str(clients)] + shlex.split(args.longctx_args)
+    if name == "llama-server":
+        # -np C: C slots decoded together (continuous batching); --kv-unified: one KV cache of
+        # --ctx tokens shared by the slots, not --ctx per slot. --no-webui: API only;
+        # --offline: never touch the network.
+        return [args.llama_server_bin, "-m", model, "--host", "127.0.0.1", "--port", str(port),
+                "-t", str(args.threads), "-tb", str(args.threads), "-np", str(clients),
+                "-c", str(args.ctx), "--kv-unified", "--no-webui", "--offline"] + shlex.split(args.llama_server_args)
     return [args.peer_python, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1",
             "--port", str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
             "--n_ctx", str(args.ctx), "--interrupt_requests", "false"] + shlex.split(args.peer_args)
@@ -282,6 +320,11 @@ def check_servers(args):
             if probe.returncode != 0:
                 sys.exit(f"{args.longctx_bin} has no `serve` command (an older build?): rebuild it with "
                          f"`cargo build --release -p longctx-cli`\n{probe.stderr.strip()}")
+        elif name == "llama-server":
+            version = llama_server_version(args.llama_server_bin)
+            if version is None:
+                continue
+            args.llama_server_version = version
         else:
             if not os.path.exists(args.peer_python):
                 print(f"note: skipping llama-cpp-python: no python at {args.peer_python} "
@@ -298,6 +341,28 @@ def check_servers(args):
     return usable
 
 
+def llama_server_version(path):
+    """The first line of `llama-server --version` ("version: N (commit)"); None, with a note
+    saying why, where the binary is missing or does not run."""
+    how = ("build it as the top of this file says, or pass "
+           "--llama-server-bin or set $LLAMA_SERVER")
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        print(f"note: skipping llama-server: no executable at {path} ({how})", file=sys.stderr)
+        return None
+    try:
+        probe = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"note: skipping llama-server: {path} --version failed ({e})", file=sys.stderr)
+        return None
+    text = (probe.stdout + probe.stderr).strip()
+    if probe.returncode != 0:
+        print(f"note: skipping llama-server: `{path} --version` {exit_words(probe.returncode)}\n{text[-2000:]}",
+              file=sys.stderr)
+        return None
+    lines = [l for l in text.splitlines() if l.startswith("version:")] or text.splitlines() or ["?"]
+    return lines[0].strip()
+
+
 # ---------------------------------------------------------------------------------------------
 # The client
 
@@ -309,7 +374,7 @@ def prompt_for(client, index, clients, tag):
 def stream_request(port, body, timeout):
     """One streaming chat request. Returns a dict: ok, error, latency, ttft, tokens, tokens_from."""
     r = {"ok": False, "error": None, "latency": None, "ttft": None, "tokens": 0, "tokens_from": None,
-         "cached_tokens": None, "finish_reason": None}
+         "cached_tokens": None, "prompt_tokens": None, "finish_reason": None}
     payload = json.dumps(body).encode()
     content_chunks = 0
     usage = None
@@ -386,6 +451,8 @@ def stream_request(port, body, timeout):
     if usage and usage.get("completion_tokens") is not None:
         r["tokens"], r["tokens_from"] = int(usage["completion_tokens"]), "usage"
         r["cached_tokens"] = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        if usage.get("prompt_tokens") is not None:
+            r["prompt_tokens"] = int(usage["prompt_tokens"])
     elif r["finish_reason"] == "length":
         r["tokens"], r["tokens_from"] = body["max_tokens"], "length"
     else:
@@ -439,8 +506,7 @@ def percentile(values, q):
 
 def one_run(name, args, model, clients, round_no):
     port = free_port()
-    server = Server(name, server_command(name, args, model, port, clients), port,
-                    "/health" if name == "longctx" else "/v1/models")
+    server = Server(name, server_command(name, args, model, port, clients), port, READY_PATH[name])
     startup = server.start(args.start_timeout)
     pid = server.proc.pid
     model_id = os.path.splitext(os.path.basename(model))[0]
@@ -477,6 +543,10 @@ def one_run(name, args, model, clients, round_no):
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     growth = None if rss_end is None or rss_after_warmup is None else rss_end - rss_after_warmup
     cached = [r["cached_tokens"] for r in ok if r["cached_tokens"] is not None]
+    # The largest request, prompt + completion (where the usage chunk gives the prompt's size),
+    # warm-up included: C x this must fit in --ctx for a shared (unified) KV cache not to limit C.
+    sizes = [r["prompt_tokens"] + r["tokens"] for r in ok + [w for w in warm if w["ok"]]
+             if r["prompt_tokens"] is not None]
     return {
         "requests_done": len(ok),
         "errors": len(errors),
@@ -490,6 +560,7 @@ def one_run(name, args, model, clients, round_no):
         "tokens_from": sorted({r["tokens_from"] for r in ok}),
         "finish_reasons": {f: sum(r["finish_reason"] == f for r in ok) for f in sorted({str(r["finish_reason"]) for r in ok})},
         "cached_prompt_tokens": sum(cached) if cached else None,
+        "max_request_tokens": max(sizes) if sizes else None,
         "latency_p50_s": percentile(lat, 50),
         "latency_p99_s": percentile(lat, 99),
         "ttft_p50_s": percentile(ttft, 50),
@@ -513,7 +584,8 @@ def settings(args, model, name):
     """What makes runs comparable; a row is reused only when all of these match."""
     return {"model": os.path.basename(model), "threads": args.threads, "ctx": args.ctx,
             "requests": args.requests, "max_tokens": args.max_tokens,
-            "server_args": args.longctx_args if name == "longctx" else args.peer_args}
+            "server_args": {"longctx": args.longctx_args, "llama-server": args.llama_server_args,
+                            "llama-cpp-python": args.peer_args}[name]}
 
 
 def load_rows(path):
@@ -556,6 +628,8 @@ def summarise(rows, names, clients_list, rounds):
                 "peak_rss_mib": top("peak_rss_mib"), "rss_growth_mib": top("rss_growth_mib"),
                 "rss_growth_flag": any(r.get("rss_growth_flag") for r in runs),
                 "errors": sum(r["errors"] + r.get("warmup_errors", 0) for r in runs),
+                "max_request_tokens": top("max_request_tokens"),
+                "server_version": next((r["server_version"] for r in runs if r.get("server_version")), None),
             }
     return out
 
@@ -565,8 +639,11 @@ def fmt(v, digits):
 
 
 def markdown(summary, names, clients_list, args, model):
+    ran = [p for p in PEERS if any(n == p for n, _ in summary)]
+    against = (f"llama.cpp's server{'s' if len(ran) > 1 else ''} ({', '.join(ran)})" if ran
+               else "llama.cpp's servers (none ran)")
     lines = [
-        f"`longctx serve` against llama.cpp's server: model `{os.path.basename(model)}`, {args.threads} threads, "
+        f"`longctx serve` against {against}: model `{os.path.basename(model)}`, {args.threads} threads, "
         f"context {args.ctx}, each client sends {args.requests} streaming chat requests in turn "
         f"(max_tokens {args.max_tokens}, temperature 0) after one warm-up request. Median of up to "
         f"{args.rounds} rounds, each in a fresh server; peak RSS and RSS growth are the largest over the "
@@ -586,38 +663,78 @@ def markdown(summary, names, clients_list, args, model):
                 f"| {name} | {c} | {fmt(s['req_s'], 2)} | {fmt(s['out_tok_s'], 1)} | {fmt(s['tokens_per_request'], 1)} | "
                 f"{fmt(s['latency_p50_s'], 2)} | {fmt(s['latency_p99_s'], 2)} | {fmt(s['ttft_p50_s'], 3)} | "
                 f"{fmt(s['ttft_p99_s'], 3)} | {fmt(s['peak_rss_mib'], 0)} | {growth} | {s['errors']} |")
-    ratios = [(c, summary.get(("longctx", c)), summary.get(("llama-cpp-python", c))) for c in clients_list]
-    ratios = [(c, a, b) for c, a, b in ratios if a and b]
-    if ratios:
-        lines += ["", "longctx / llama-cpp-python (> 1: longctx is faster):", "",
-                  "| clients | req/s ratio | out tok/s ratio |", "|---:|---:|---:|"]
-        for c, a, b in ratios:
-            rq = a["req_s"] / b["req_s"] if a["req_s"] and b["req_s"] else None
-            tk = a["out_tok_s"] / b["out_tok_s"] if a["out_tok_s"] and b["out_tok_s"] else None
-            lines.append(f"| {c} | {fmt(rq, 2)} | {fmt(tk, 2)} |")
-    if "llama-cpp-python" in names:
-        lines += ["", f"Note: {PEER_NOTE} It runs with --interrupt_requests false, so queued requests "
-                  "do not cut the running stream short; it sends no usage chunk, so its token counts "
-                  "come from finish_reason \"length\" (= max_tokens) or the count of content chunks."]
+    peers = [p for p in PEERS if p in names and any(summary.get(("longctx", c)) and summary.get((p, c))
+                                                    for c in clients_list)]
+    if peers:
+        def ratio(a, b, key):
+            return a[key] / b[key] if a and b and a[key] and b[key] else None
+
+        lines += ["", f"longctx / {' and longctx / '.join(peers)} (> 1: longctx is faster):", "",
+                  "| clients | " + " | ".join(f"req/s vs {p} | out tok/s vs {p}" for p in peers) + " |",
+                  "|---:|" + "---:|---:|" * len(peers)]
+        for c in clients_list:
+            a = summary.get(("longctx", c))
+            if not a or not any(summary.get((p, c)) for p in peers):
+                continue
+            cells = []
+            for p in peers:
+                b = summary.get((p, c))
+                cells += [fmt(ratio(a, b, "req_s"), 2), fmt(ratio(a, b, "out_tok_s"), 2)]
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    notes = []
+    if any(n == "llama-server" for n, _ in summary):
+        ls = [(c, s) for (n, c), s in summary.items() if n == "llama-server"]
+        version = next((s["server_version"] for _, s in ls if s.get("server_version")), None)
+        sizes = [(c, s["max_request_tokens"]) for c, s in ls if s.get("max_request_tokens")]
+        fit = ""
+        if sizes:
+            c_max = max(c for c, _ in sizes)
+            n_max = max(n for _, n in sizes)
+            need = c_max * n_max
+            fit = (f"; the largest request used {n_max} tokens (prompt + completion), so at most "
+                   f"{c_max} x {n_max} = {need} tokens are in the cache at once, "
+                   + ("well within" if need <= args.ctx else "MORE than")
+                   + f" the {args.ctx}-token shared cache"
+                   + (", which therefore never limits it" if need <= args.ctx else ": the shared cache limited it"))
+        notes.append(f"Note: {LLAMA_SERVER_NOTE.format(ctx=args.ctx)}{fit}. It sends a usage chunk, so its token counts come "
+                     "from it, as longctx's do. Other settings are llama-server's defaults, "
+                     "web UI off" + (f"; {version}" if version else "") + ". Its RSS grows by about "
+                     "the KV of each finished request because by default it keeps finished prompts in a "
+                     "RAM prompt cache (--cache-ram, up to 8192 MiB): that growth is the cache, not a leak "
+                     "(--llama-server-args=\"--cache-ram 0\" turns it off). Its build uses OpenMP, whose "
+                     "threads spin while waiting: it slows down sharply when another process competes for "
+                     "the cores, so measure it on an idle machine.")
+    if any(n == "llama-cpp-python" for n, _ in summary):
+        notes.append(f"Note: {PEER_NOTE} It runs with --interrupt_requests false, so queued requests "
+                     "do not cut the running stream short; it sends no usage chunk, so its token counts "
+                     "come from finish_reason \"length\" (= max_tokens) or the count of content chunks.")
+    for note in notes:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help=f"GGUF file (default: {DEFAULT_MODEL}, else `longctx fetch`)")
-    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: longctx,llama-cpp-python")
+    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated, from: " + ",".join(SERVERS))
     ap.add_argument("--clients", default="1,4,16", help="client counts to sweep, comma-separated")
     ap.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="runs per configuration; the median is reported")
-    ap.add_argument("--threads", type=int, default=2, help="compute threads of both servers")
-    ap.add_argument("--ctx", type=int, default=8192, help="context window of both servers")
+    ap.add_argument("--threads", type=int, default=2, help="compute threads of every server")
+    ap.add_argument("--ctx", type=int, default=8192, help="context window of every server (llama-server: "
+                    "one KV cache of this size shared by its slots)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "serve", "load.jsonl"),
                     help="JSON lines, one per server x clients x round; a rerun skips the rows already there")
     ap.add_argument("--markdown", help="also write the Markdown table to this file")
     ap.add_argument("--longctx-bin", default=LONGCTX)
     ap.add_argument("--longctx-args", default="", help="extra flags for `longctx serve`, given with =: --longctx-args=\"--kv snapkv:budget=1024\"")
-    ap.add_argument("--peer-python", default=PEER_PYTHON, help="python with llama-cpp-python[server] installed")
+    ap.add_argument("--llama-server-bin", default=os.environ.get("LLAMA_SERVER") or LLAMA_SERVER,
+                    help=f"llama.cpp's llama-server binary (default: $LLAMA_SERVER, else {LLAMA_SERVER}); "
+                    "skipped with a note when missing")
+    ap.add_argument("--llama-server-args", default="", help="extra flags for llama-server, given with =: --llama-server-args=\"--cache-ram 0\"")
+    ap.add_argument("--peer-python", default=PEER_PYTHON, help="python with llama-cpp-python[server] installed "
+                    "(the llama-cpp-python server)")
     ap.add_argument("--peer-args", default="", help="extra flags for `python -m llama_cpp.server`, given with =: --peer-args=\"--n_batch 256\"")
     ap.add_argument("--start-timeout", type=float, default=180, help="seconds a server may take to answer")
     ap.add_argument("--timeout", type=float, default=600, help="seconds one request may go without a byte")
@@ -654,6 +771,8 @@ def main():
                 print(f"{name}, {c} client(s), round {rnd + 1}/{args.rounds} ...", file=sys.stderr, flush=True)
                 row = {"server": name, "clients": c, "round": rnd, "settings": want,
                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                if name == "llama-server":
+                    row["server_version"] = args.llama_server_version
                 row.update(one_run(name, args, model, c, rnd))
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
