@@ -85,7 +85,7 @@ impl PrefixCache {
         if self.max_bytes == 0 || self.max_sessions == 0 {
             return;
         }
-        if session.policy_spec() != "full" {
+        if !session.holds_prefix() {
             session.reset();
             tokens.clear();
         }

@@ -494,16 +494,12 @@ fn max_tokens(
     let max = match asked {
         Some(n) => in_range(n, 1, n_ctx as i64, param)?,
         None => {
-            let room = n_ctx.saturating_sub(prompt).max(1);
-            let wanted = state.default_max_tokens.min(room);
             // A compressing policy has room beyond the window; keep the default if it fits.
-            if Session::check_request(&state.model, options, prompt, state.default_max_tokens)
-                .is_ok()
-            {
-                state.default_max_tokens
-            } else {
-                wanted
+            let default = state.default_max_tokens;
+            if Session::check_request(&state.model, options, prompt, default).is_ok() {
+                return Ok(default);
             }
+            default.min(n_ctx.saturating_sub(prompt).max(1))
         }
     };
     match Session::check_request(&state.model, options, prompt, max) {

@@ -375,12 +375,17 @@ impl Session {
         fits(plan.policy.as_ref(), &options, prompt, generated)
     }
 
+    /// Whether the cache holds every token fed, in order, at its own position: the full
+    /// policy without KIVI, under a scheme that does not regroup positions.
+    pub fn holds_prefix(&self) -> bool {
+        self.policy_spec() == "full" && self.scheme.group_blocks().is_none()
+    }
+
     /// Cuts the cache back to its first `len` tokens, so that a prompt sharing them goes on
     /// from there (a server's prefix cache). Only a cache that holds every token at its own
     /// position holds a prefix of them: the full policy, without KIVI or grouped positions.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
-        let holds_prefix = self.policy_spec() == "full" && self.scheme.group_blocks().is_none();
-        if !holds_prefix || len > self.cache.len() {
+        if !self.holds_prefix() || len > self.cache.len() {
             return Err(Error::InvalidOption(format!(
                 "cannot cut a cache of {} tokens under --kv {} --rope {} back to {len} tokens;                  only the full cache holds a prefix of its tokens",
                 self.cache.len(),
