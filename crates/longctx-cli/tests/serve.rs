@@ -1,6 +1,7 @@
 //! `longctx serve` driven as applications drive it: the official `openai` Python client against
 //! the real server on a free loopback port (the client's tests are in serve/test_openai.py).
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -55,40 +56,49 @@ impl Drop for Server {
     }
 }
 
-/// A Python with the `openai` package: the one on PATH when it has it (CI installs it), else a
-/// virtual environment made once under the target directory.
-fn python_with_openai() -> PathBuf {
-    let has_openai = |python: &Path| {
-        Command::new(python)
-            .args(["-c", "import openai, httpx"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    let system = PathBuf::from("python3");
-    if has_openai(&system) {
-        return system;
+/// The Python the client tests run under: `LONGCTX_PYTHON` or `python3`, as the model fetch uses.
+fn python() -> OsString {
+    std::env::var_os("LONGCTX_PYTHON").unwrap_or_else(|| OsString::from("python3"))
+}
+
+/// A folder with the packages the client tests import (serve/requirements.txt), installed once
+/// under the target directory with `pip install --target`: a newcomer's machine has pip but not
+/// necessarily the `venv` module (Debian ships it separately), and whatever the machine's own
+/// Python has installed must not decide which client version is tested.
+fn openai_client_packages() -> PathBuf {
+    let requirements = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements).unwrap();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-client");
+    let stamp = dir.join("installed-requirements.txt");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return dir;
     }
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
-    let python = venv.join("bin/python");
-    if !has_openai(&python) {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .unwrap();
-        assert!(made.success(), "python3 -m venv failed");
-        let installed = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "openai"])
-            .status()
-            .unwrap();
-        assert!(installed.success(), "pip install openai failed");
-    }
-    python
+    let _ = std::fs::remove_dir_all(&dir);
+    let installed = Command::new(python())
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .arg("--target")
+        .arg(&dir)
+        .arg("-r")
+        .arg(&requirements)
+        .status()
+        .expect("cannot run python3; the tests need Python 3 with pip (README)");
+    assert!(
+        installed.success(),
+        "pip install -r {requirements:?} failed"
+    );
+    std::fs::write(&stamp, wanted).unwrap();
+    dir
 }
 
 #[test]
 fn the_openai_client_gets_what_openai_would_give_it() {
-    let python = python_with_openai();
+    let packages = openai_client_packages();
     let mut server = Server::start(&[
         "--ctx",
         "1024",
@@ -102,8 +112,10 @@ fn the_openai_client_gets_what_openai_would_give_it() {
         "2",
     ]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve/test_openai.py");
-    let status = Command::new(python)
+    let status = Command::new(python())
+        .arg("-s")
         .arg(&script)
+        .env("PYTHONPATH", &packages)
         .env("LONGCTX_BASE_URL", &server.base_url)
         .env("LONGCTX_CTX", "1024")
         .status()

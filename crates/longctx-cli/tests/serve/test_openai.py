@@ -4,14 +4,15 @@ Started by crates/longctx-cli/tests/serve.rs, which starts the server (--ctx 102
 --max-concurrent 2 --max-queue 2 --max-body-mib 1) and passes its address in LONGCTX_BASE_URL.
 """
 
+import http.client
 import json
 import os
 import socket
 import threading
 import time
 import unittest
+import urllib.parse
 
-import httpx
 import openai
 from openai import OpenAI
 
@@ -27,6 +28,33 @@ ESSAY = (
 )
 
 
+class Response:
+    def __init__(self, status_code, text):
+        self.status_code = status_code
+        self.text = text
+
+    def json(self):
+        return json.loads(self.text)
+
+
+def raw(method, path, body=None, json_body=None):
+    """One plain HTTP request, for what the openai client cannot send (the standard library keeps
+    the test's environment to the one package it is about)."""
+    if json_body is not None:
+        body = json.dumps(json_body)
+    if isinstance(body, str):
+        body = body.encode()
+    url = urllib.parse.urlsplit(BASE)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+    try:
+        headers = {"content-type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        return Response(r.status, r.read().decode())
+    finally:
+        conn.close()
+
+
 def client(**kwargs):
     return OpenAI(base_url=BASE + "/v1", api_key="unused", max_retries=0, timeout=120, **kwargs)
 
@@ -38,7 +66,7 @@ def chat(text, **kwargs):
 
 
 def metric(name):
-    text = httpx.get(BASE + "/metrics").text
+    text = raw("GET", "/metrics").text
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.split()[-1])
@@ -136,7 +164,7 @@ class Completions(unittest.TestCase):
 
     def test_token_prompt_and_logprobs(self):
         c = client()
-        ids = httpx.post(BASE + "/tokenize", json={"content": "The sea is"}).json()["tokens"]
+        ids = raw("POST", "/tokenize", json_body={"content": "The sea is"}).json()["tokens"]
         by_text = c.completions.create(model="m", prompt="The sea is", max_tokens=5, temperature=0)
         by_ids = c.completions.create(model="m", prompt=ids, max_tokens=5, temperature=0, logprobs=2)
         self.assertEqual(by_text.choices[0].text, by_ids.choices[0].text)
@@ -210,8 +238,8 @@ class PrefixCache(unittest.TestCase):
 
 
 class Errors(unittest.TestCase):
-    def post(self, body, path="/v1/chat/completions", **kwargs):
-        return httpx.post(BASE + path, content=body, headers={"content-type": "application/json"}, **kwargs)
+    def post(self, body, path="/v1/chat/completions"):
+        return raw("POST", path, body=body)
 
     def assert_error(self, r, status, param=None):
         self.assertEqual(r.status_code, status, r.text)
@@ -246,8 +274,8 @@ class Errors(unittest.TestCase):
         self.assert_error(self.post(big), 413)
 
     def test_unknown_route_and_method(self):
-        self.assert_error(httpx.get(BASE + "/v1/nothing"), 404)
-        self.assert_error(httpx.get(BASE + "/v1/chat/completions"), 405)
+        self.assert_error(raw("GET", "/v1/nothing"), 404)
+        self.assert_error(raw("GET", "/v1/chat/completions"), 405)
 
     def test_full_queue_is_429(self):
         results = []
@@ -274,7 +302,7 @@ class Endpoints(unittest.TestCase):
     def test_models_health_metrics(self):
         models = client().models.list().data
         self.assertEqual(len(models), 1)
-        self.assertEqual(httpx.get(BASE + "/health").json(), {"status": "ok"})
+        self.assertEqual(raw("GET", "/health").json(), {"status": "ok"})
         chat(QUESTION, max_tokens=2)
         for name in ["longctx_requests_total", "longctx_prompt_tokens_total", "longctx_generated_tokens_total",
                      "longctx_prefill_tokens_per_second", "longctx_decode_tokens_per_second",
@@ -284,11 +312,11 @@ class Endpoints(unittest.TestCase):
 
     def test_tokenize_round_trip(self):
         text = "Tides come and go."
-        ids = httpx.post(BASE + "/tokenize", json={"content": text}).json()["tokens"]
+        ids = raw("POST", "/tokenize", json_body={"content": text}).json()["tokens"]
         self.assertTrue(ids)
-        back = httpx.post(BASE + "/detokenize", json={"tokens": ids}).json()["content"]
+        back = raw("POST", "/detokenize", json_body={"tokens": ids}).json()["content"]
         self.assertEqual(back, text)
-        r = httpx.post(BASE + "/detokenize", json={"tokens": [10**9]})
+        r = raw("POST", "/detokenize", json_body={"tokens": [10**9]})
         self.assertEqual(r.status_code, 400)
 
 
