@@ -10,10 +10,11 @@ use longctx::chat::ChatTemplate;
 use longctx::fetch::FetchConfig;
 use longctx::session::{KvDtype, Session};
 use longctx::spec::Spec;
-use longctx_eval::report::{write_report, RunResults};
+use longctx_eval::report::{calibration_line, write_report, RunResults};
 use longctx_eval::runner::{self, Event, ModelInfo, RunConfig, RunDir};
 use longctx_eval::task::{task_from_spec, Engine, QueryMode, TaskContext, REGISTRY};
 use longctx_eval::tasks::niah::PRESETS;
+use longctx_eval::tasks::passkey::{self, Passkey, Wording};
 use longctx_eval::text::NaturalText;
 
 use crate::common::{EngineArgs, ModelArgs};
@@ -132,8 +133,11 @@ fn evaluate(args: Args) -> Result<()> {
             args.dirs[0].display()
         );
     }
-    let spec: Spec = args.task.parse()?;
-    let task = task_from_spec(&spec)?;
+    let mut spec: Spec = args.task.parse()?;
+    // `passkey:wording=auto` is built with a stand-in wording until calibration chooses one, so
+    // its other parameters are checked before the model loads.
+    let auto_wording = auto_wording(&mut spec);
+    let mut task = task_from_spec(&spec)?;
     if args.lengths.is_empty() {
         bail!("--lengths is empty; give at least one length, e.g. --lengths 1k,2k");
     }
@@ -180,7 +184,7 @@ fn evaluate(args: Args) -> Result<()> {
     let mut session = Session::new(model.clone(), args.engine.session_options(max_length)?)?;
     // Recorded as the session resolved it (`auto:…` becomes the scheme that ran).
     let options = session.options().clone();
-    let config = RunConfig {
+    let mut config = RunConfig {
         task: task.spec(),
         model: ModelInfo {
             file: model_path
@@ -207,21 +211,26 @@ fn evaluate(args: Args) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("eval-results").join(slug(&args.task)));
-    let mut dir = RunDir::open(&out, &config)?;
     let ctx = TaskContext {
         model,
         chat,
         text,
         seed: args.seed,
     };
-    let cases = runner::plan(task.as_ref(), &lengths, &args.depths, args.samples)?;
-    if args.save_prompts {
-        save_prompts(&out, task.as_ref(), &ctx, &cases)?;
-    }
     let mut engine = Engine {
         session: &mut session,
         query: args.query.into(),
     };
+    if let Some(digits) = auto_wording {
+        let chosen = choose_wording(&config, &ctx, &mut engine, &out, digits)?;
+        config.task = longctx_eval::Task::spec(&chosen);
+        task = Box::new(chosen);
+    }
+    let mut dir = RunDir::open(&out, &config)?;
+    let cases = runner::plan(task.as_ref(), &lengths, &args.depths, args.samples)?;
+    if args.save_prompts {
+        save_prompts(&out, task.as_ref(), &ctx, &cases)?;
+    }
     let mut progress = Progress::default();
     runner::run(
         task.as_ref(),
@@ -236,6 +245,76 @@ fn evaluate(args: Args) -> Result<()> {
     write_report(&out, &runs)?;
     print_summary(&out)?;
     Ok(())
+}
+
+/// For `passkey:wording=auto`, replaces the wording with a stand-in (so the spec builds and its
+/// other parameters are checked) and returns the key length calibration will use.
+fn auto_wording(spec: &mut Spec) -> Option<u32> {
+    let [part] = spec.parts.as_mut_slice() else {
+        return None;
+    };
+    if part.name != "passkey" {
+        return None;
+    }
+    let wording = part.params.iter_mut().find(|(k, _)| k == "wording")?;
+    if wording.1 != passkey::AUTO {
+        return None;
+    }
+    wording.1 = Wording::ALL[0].name().to_string();
+    let digits = part
+        .params
+        .iter()
+        .find(|(k, _)| k == "digits")
+        .and_then(|(_, v)| v.parse().ok());
+    Some(digits.unwrap_or(Passkey::default().digits))
+}
+
+/// Runs every passkey wording at lengths inside the trained window (resumable, under
+/// OUT/calibration) and returns the task with the wording the model retrieves best.
+fn choose_wording(
+    config: &RunConfig,
+    ctx: &TaskContext,
+    engine: &mut Engine,
+    out: &Path,
+    digits: u32,
+) -> Result<Passkey> {
+    let lengths =
+        passkey::calibration_lengths(config.model.trained_ctx, engine.session.options().n_ctx);
+    eprintln!(
+        "choosing the passkey wording: each of {} at {} tokens, depths {:?}",
+        Wording::ALL.map(|w| w.name()).join(", "),
+        lengths
+            .iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join(" and "),
+        passkey::CALIBRATION_DEPTHS
+    );
+    let mut progress = Progress::default();
+    let (chosen, scores) = passkey::calibrate(
+        config,
+        ctx,
+        engine,
+        &out.join("calibration"),
+        &lengths,
+        digits,
+        &mut |event| progress.on(event),
+    )?;
+    progress.finish();
+    for s in &scores {
+        eprintln!(
+            "  {:<8} {:>5.1} over {} cases",
+            s.wording.name(),
+            s.score,
+            s.cases
+        );
+    }
+    eprintln!(
+        "using passkey:wording={} (folders in {})",
+        chosen.wording.name(),
+        out.join("calibration").display()
+    );
+    Ok(chosen)
 }
 
 pub fn load_text(name: &str) -> Result<NaturalText> {
@@ -284,6 +363,9 @@ fn save_prompts(
 
 fn print_summary(out: &Path) -> Result<()> {
     let report = out.join("report.md");
+    if let Some(line) = calibration_line(&RunResults::load(out)?) {
+        eprintln!("{line}");
+    }
     eprintln!("results: {}", out.join(runner::RESULTS_FILE).display());
     eprintln!("report:  {}", report.display());
     Ok(())

@@ -392,7 +392,7 @@ fn eval_tiny(out: &Path, extra: &[&str]) -> Output {
         "--model",
         &model,
         "--lengths",
-        "384",
+        "512",
         "--depths",
         "0,100",
         "--threads",
@@ -442,6 +442,52 @@ fn eval_runs_resumes_and_reports() {
     ]);
     assert!(report.status.success(), "{}", stderr(&report));
     assert!(report_dir.join("report.md").is_file());
+}
+
+#[test]
+fn eval_chooses_the_passkey_wording_and_says_the_task_is_not_calibrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("auto-wording");
+    let run = eval_tiny(&out, &["--depths", "50"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    // The default passkey is a fixed wording; auto calibrates among them.
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["task"], "passkey:wording=vault,digits=5");
+    let model = tiny_model();
+    let auto = dir.path().join("auto");
+    let run = longctx(&[
+        "eval",
+        "passkey:wording=auto,digits=7",
+        "--model",
+        &model,
+        "--lengths",
+        "512",
+        "--depths",
+        "50",
+        "--threads",
+        "2",
+        "--out",
+        auto.to_str().unwrap(),
+    ]);
+    let err = stderr(&run);
+    assert!(run.status.success(), "{err}");
+    for wording in ["vault", "magic", "passkey"] {
+        assert!(auto
+            .join("calibration")
+            .join(wording)
+            .join("results.jsonl")
+            .is_file());
+    }
+    // A random-weight model retrieves nothing: every wording ties at 0, the first one is used,
+    // and the run says the task does not measure context on this model.
+    assert!(err.contains("using passkey:wording=vault"), "{err}");
+    assert!(err.contains("NOT CALIBRATED, 0 at 0.5k"), "{err}");
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(auto.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["task"], "passkey:wording=vault,digits=7");
+    let report = fs::read_to_string(auto.join("report.md")).unwrap();
+    assert!(report.contains("**failed** (0 at 0.5k)"), "{report}");
 }
 
 #[test]

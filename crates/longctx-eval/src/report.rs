@@ -16,6 +16,12 @@ pub const RULER_THRESHOLD: f64 = 85.6;
 /// Where the log-length fit is read off (epoch.ai's context-window estimate).
 pub const FIT_LEVEL: f64 = 80.0;
 
+/// The score a task must reach at its shortest length, inside the model's trained window, for
+/// its longer lengths to measure the window rather than the task: a model that cannot do the task
+/// where its context is not in question shows nothing about context at longer lengths. RULER
+/// makes the same reading by reporting each model's 4k score beside its longer ones.
+pub const CALIBRATION_LEVEL: f64 = 90.0;
+
 /// A result folder as read back.
 pub struct RunResults {
     pub dir: PathBuf,
@@ -69,9 +75,87 @@ pub struct RunSummary {
     pub by_depth: Vec<DepthValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mecw: Option<Mecw>,
+    /// The score at the shortest length, read as a check that the task works on this model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
     pub metric: &'static str,
 }
 
+/// Whether a run's shortest length shows the task working on the model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Calibration {
+    /// The shortest measured length and its mean score.
+    pub length: usize,
+    pub score: f64,
+    pub trained_ctx: usize,
+    /// `passed`: at least [`CALIBRATION_LEVEL`] inside the trained window; `failed`: below it;
+    /// `outside`: no length inside the trained window was measured, so the run cannot say.
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Passed,
+    Failed,
+    Outside,
+}
+
+impl Calibration {
+    /// The calibration of a run from its per-length scores; None for perplexity or no scores.
+    pub fn of(by_length: &[LengthValue], trained_ctx: usize) -> Option<Self> {
+        let shortest = by_length.first()?;
+        let verdict = if shortest.length > trained_ctx {
+            Verdict::Outside
+        } else if shortest.value >= CALIBRATION_LEVEL {
+            Verdict::Passed
+        } else {
+            Verdict::Failed
+        };
+        Some(Self {
+            length: shortest.length,
+            score: shortest.value,
+            trained_ctx,
+            verdict,
+        })
+    }
+
+    /// One line for the report and the command line.
+    pub fn line(&self, label: &str) -> String {
+        let at = length_label(self.length);
+        match self.verdict {
+            Verdict::Passed => format!(
+                "{label}: calibrated, {:.0} at {at} inside the trained {}-token window (at least {CALIBRATION_LEVEL:.0} needed).",
+                self.score, self.trained_ctx
+            ),
+            Verdict::Failed => format!(
+                "{label}: NOT CALIBRATED, {:.0} at {at} inside the trained {}-token window (below {CALIBRATION_LEVEL:.0}): the model cannot do this task even where context is not in question, so its longer lengths measure the task, not the window; try another wording or task.",
+                self.score, self.trained_ctx
+            ),
+            Verdict::Outside => format!(
+                "{label}: no length inside the trained {}-token window was measured (shortest {at}), so this run cannot show that the task works on the model; read it beside the same task at a length inside the window.",
+                self.trained_ctx
+            ),
+        }
+    }
+
+    /// A short mark for tables.
+    pub fn mark(&self) -> String {
+        match self.verdict {
+            Verdict::Passed => format!(
+                "passed ({:.0} at {})",
+                self.score,
+                length_label(self.length)
+            ),
+            Verdict::Failed => format!(
+                "**failed** ({:.0} at {})",
+                self.score,
+                length_label(self.length)
+            ),
+            Verdict::Outside => "not measured inside the window".to_string(),
+        }
+    }
+}
 #[derive(Debug, Clone, Serialize)]
 pub struct LengthValue {
     pub length: usize,
@@ -185,10 +269,23 @@ fn summarise(run: &RunResults, label: String) -> RunSummary {
         } else {
             mecw(&by_length, run.threshold())
         },
+        calibration: if perplexity {
+            None
+        } else {
+            Calibration::of(&by_length, run.config.model.trained_ctx)
+        },
         by_length,
         by_depth,
         metric: if perplexity { "perplexity" } else { "score" },
     }
+}
+
+/// A run's calibration line, naming its task as configured, as the report states it.
+pub fn calibration_line(run: &RunResults) -> Option<String> {
+    let task = &run.config.task;
+    summarise(run, task.clone())
+        .calibration
+        .map(|c| c.line(task))
 }
 
 /// Names for the runs that say how they differ: the fields that differ between them, or the
@@ -296,6 +393,19 @@ pub fn write_report(out: &Path, runs: &[RunResults]) -> Result<Vec<PathBuf>> {
     let mut md = String::new();
     md.push_str("# longctx eval report\n\n");
     configuration_table(&mut md, &summaries);
+    let calibrations: Vec<String> = summaries
+        .iter()
+        .filter_map(|s| {
+            s.calibration
+                .as_ref()
+                .map(|c| format!("- {}\n", c.line(&s.label)))
+        })
+        .collect();
+    if !calibrations.is_empty() {
+        md.push_str("## Calibration\n\n");
+        md.push_str(&calibrations.concat());
+        md.push('\n');
+    }
 
     let scored: Vec<&RunSummary> = summaries.iter().filter(|s| s.metric == "score").collect();
     let perplexity: Vec<&RunSummary> = summaries
@@ -311,12 +421,17 @@ pub fn write_report(out: &Path, runs: &[RunResults]) -> Result<Vec<PathBuf>> {
         md.push_str(&format!(
             "MECW is the largest length up to which every measured length scores at least the threshold; the fit column is where a least-squares line of score against ln(length) crosses {FIT_LEVEL}.\n\n"
         ));
-        md.push_str("| run | threshold | MECW | fit crosses 80 |\n|---|---|---|---|\n");
+        md.push_str(
+            "| run | calibration | threshold | MECW | fit crosses 80 |\n|---|---|---|---|---|\n",
+        );
         for s in &scored {
             if let Some(m) = &s.mecw {
                 md.push_str(&format!(
-                    "| {} | {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {} |\n",
                     s.label,
+                    s.calibration
+                        .as_ref()
+                        .map_or_else(String::new, Calibration::mark),
                     m.threshold,
                     m.length
                         .map_or_else(|| "below the shortest length".to_string(), length_label),
@@ -468,7 +583,7 @@ fn configuration_table(md: &mut String, summaries: &[RunSummary]) {
     md.push_str(&"---|".repeat(summaries.len()));
     md.push('\n');
     type Row = fn(&RunSummary) -> String;
-    let rows: [(&str, Row); 13] = [
+    let rows: [(&str, Row); 14] = [
         ("folder", |s| format!("`{}`", s.dir)),
         ("task", |s| format!("`{}`", s.config.task)),
         ("model", |s| s.config.model.file.clone()),
@@ -493,6 +608,11 @@ fn configuration_table(md: &mut String, summaries: &[RunSummary]) {
                 || "none (synthetic)".into(),
                 |t| format!("{} ({})", t.name, t.origin),
             )
+        }),
+        ("calibration", |s| {
+            s.calibration
+                .as_ref()
+                .map_or_else(|| "–".to_string(), Calibration::mark)
         }),
         ("cases", |s| s.cases.to_string()),
         ("time in cases", |s| format!("{:.0} s", s.wall_seconds)),

@@ -427,7 +427,7 @@ mod resume_tests {
             if self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.die_at {
                 return Err(EvalError::Invalid("killed".into()));
             }
-            Passkey.run(case, ctx, engine)
+            Passkey::default().run(case, ctx, engine)
         }
     }
 
@@ -438,7 +438,7 @@ mod resume_tests {
         let mut session = Session::new(
             ctx.model.clone(),
             SessionOptions {
-                n_ctx: 512,
+                n_ctx: 640,
                 threads: 2,
                 ..SessionOptions::default()
             },
@@ -452,7 +452,7 @@ mod resume_tests {
             calls: AtomicUsize::new(0),
             die_at: 4,
         };
-        let cases = plan(&dying, &[384, 512], &[0.0, 100.0], 2).unwrap();
+        let cases = plan(&dying, &[512, 640], &[0.0, 100.0], 2).unwrap();
         assert_eq!(cases.len(), 8);
         let config = super::tests::config();
 
@@ -513,5 +513,106 @@ mod resume_tests {
         }
         let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
         assert!(md.contains("| depth \\ length |"), "{md}");
+    }
+}
+
+/// Calibration end to end: a run whose engine fails the task at its shortest length, inside the
+/// trained window, is flagged in report.md and summary.json; one that passes there is not.
+#[cfg(test)]
+mod calibration_tests {
+    use longctx::session::{Session, SessionOptions};
+
+    use super::*;
+    use crate::report::{calibration_line, write_report, RunResults};
+    use crate::task::testing::context;
+
+    /// An engine stand-in that "retrieves" only at lengths of at least `works_from` tokens.
+    struct WorksFrom(usize);
+
+    impl Task for WorksFrom {
+        fn spec(&self) -> String {
+            format!("works-from:{}", self.0)
+        }
+
+        fn run(&self, case: &Case, _: &TaskContext, _: &mut Engine) -> Result<Outcome> {
+            Ok(Outcome {
+                score: Some(if case.length >= self.0 { 100.0 } else { 0.0 }),
+                prompt_tokens: case.length,
+                ..Outcome::default()
+            })
+        }
+    }
+
+    fn report_of(task: &WorksFrom, lengths: &[usize], trained: usize) -> (String, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(None);
+        let mut session = Session::new(
+            ctx.model.clone(),
+            SessionOptions {
+                n_ctx: 512,
+                threads: 1,
+                ..SessionOptions::default()
+            },
+        )
+        .unwrap();
+        let mut engine = Engine {
+            session: &mut session,
+            query: QueryMode::Aware,
+        };
+        let mut config = super::tests::config();
+        config.task = task.spec();
+        config.model.trained_ctx = trained;
+        let mut run_dir = RunDir::open(dir.path(), &config).unwrap();
+        let cases = plan(task, lengths, &[0.0, 100.0], 1).unwrap();
+        run(task, &ctx, &mut engine, &mut run_dir, &cases, &mut |_| {}).unwrap();
+        let results = RunResults::load(dir.path()).unwrap();
+        write_report(dir.path(), &[results]).unwrap();
+        let results = RunResults::load(dir.path()).unwrap();
+        (
+            std::fs::read_to_string(dir.path().join("report.md")).unwrap(),
+            std::fs::read_to_string(dir.path().join("summary.json")).unwrap(),
+            calibration_line(&results).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_task_the_model_fails_inside_its_window_is_flagged() {
+        let (md, json, line) = report_of(&WorksFrom(2048), &[1024, 2048, 4096], 8192);
+        assert!(
+            line.contains("NOT CALIBRATED") && line.contains("0 at 1k"),
+            "{line}"
+        );
+        assert!(
+            md.contains("## Calibration") && md.contains("NOT CALIBRATED, 0 at 1k"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| calibration | **failed** (0 at 1k) |"),
+            "{md}"
+        );
+        let summary: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let calibration = &summary["runs"][0]["calibration"];
+        assert_eq!(calibration["verdict"], "failed");
+        assert_eq!(calibration["length"], 1024);
+    }
+
+    #[test]
+    fn a_task_the_model_does_inside_its_window_passes() {
+        let (md, json, line) = report_of(&WorksFrom(0), &[1024, 2048], 8192);
+        assert!(line.contains("calibrated, 100 at 1k"), "{line}");
+        assert!(!md.contains("NOT CALIBRATED"), "{md}");
+        let summary: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(summary["runs"][0]["calibration"]["verdict"], "passed");
+    }
+
+    #[test]
+    fn a_run_past_the_window_only_cannot_be_calibrated_and_says_so() {
+        let (_, json, line) = report_of(&WorksFrom(0), &[16384], 8192);
+        assert!(
+            line.contains("no length inside the trained 8192-token window"),
+            "{line}"
+        );
+        let summary: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(summary["runs"][0]["calibration"]["verdict"], "outside");
     }
 }

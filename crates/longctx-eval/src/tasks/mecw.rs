@@ -90,7 +90,10 @@ mod tests {
             "mecw:threshold=90+niah:haystack=noise,key=words,value=numbers,keys=1,values=1,queries=1"
         );
         let default = task_from_spec(&"mecw".parse().unwrap()).unwrap();
-        assert_eq!(default.spec(), "mecw:threshold=85.6+passkey");
+        assert_eq!(
+            default.spec(),
+            "mecw:threshold=85.6+passkey:wording=vault,digits=5"
+        );
         for bad in ["mecw:task=ppl", "mecw:threshold=120", "mecw:task=nope"] {
             assert!(task_from_spec(&bad.parse().unwrap()).is_err(), "{bad}");
         }
