@@ -405,8 +405,6 @@ pub(crate) mod tests {
 mod resume_tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use longctx::session::{Session, SessionOptions};
-
     use super::*;
     use crate::report::{write_report, RunResults};
     use crate::task::testing::context;
@@ -435,15 +433,7 @@ mod resume_tests {
     fn a_killed_run_resumes_without_losing_or_repeating_cases() {
         let dir = tempfile::tempdir().unwrap();
         let ctx = context(None);
-        let mut session = Session::new(
-            ctx.model.clone(),
-            SessionOptions {
-                n_ctx: 640,
-                threads: 2,
-                ..SessionOptions::default()
-            },
-        )
-        .unwrap();
+        let mut session = crate::task::testing::session(&ctx, 640);
         let mut engine = Engine {
             session: &mut session,
             query: QueryMode::Aware,
@@ -520,8 +510,6 @@ mod resume_tests {
 /// trained window, is flagged in report.md and summary.json; one that passes there is not.
 #[cfg(test)]
 mod calibration_tests {
-    use longctx::session::{Session, SessionOptions};
-
     use super::*;
     use crate::report::{calibration_line, write_report, RunResults};
     use crate::task::testing::context;
@@ -546,15 +534,7 @@ mod calibration_tests {
     fn report_of(task: &WorksFrom, lengths: &[usize], trained: usize) -> (String, String, String) {
         let dir = tempfile::tempdir().unwrap();
         let ctx = context(None);
-        let mut session = Session::new(
-            ctx.model.clone(),
-            SessionOptions {
-                n_ctx: 512,
-                threads: 1,
-                ..SessionOptions::default()
-            },
-        )
-        .unwrap();
+        let mut session = crate::task::testing::session(&ctx, 512);
         let mut engine = Engine {
             session: &mut session,
             query: QueryMode::Aware,

@@ -341,6 +341,19 @@ pub(crate) mod testing {
         Model::load(std::path::Path::new(path)).expect("the tiny fixture model loads")
     }
 
+    /// A session of `n_ctx` tokens on the context's model.
+    pub fn session(ctx: &TaskContext, n_ctx: usize) -> Session {
+        Session::new(
+            ctx.model.clone(),
+            longctx::session::SessionOptions {
+                n_ctx,
+                threads: 2,
+                ..Default::default()
+            },
+        )
+        .expect("a session on the tiny model")
+    }
+
     pub fn context(text: Option<NaturalText>) -> TaskContext {
         TaskContext {
             model: tiny_model(),

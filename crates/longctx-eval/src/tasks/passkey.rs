@@ -478,19 +478,9 @@ mod tests {
     fn calibration_runs_every_wording_into_its_folder_and_resumes() {
         use crate::runner::Event;
         use crate::task::{Engine, QueryMode};
-        use longctx::session::{Session, SessionOptions};
-
         let dir = tempfile::tempdir().unwrap();
         let ctx = context(None);
-        let mut session = Session::new(
-            ctx.model.clone(),
-            SessionOptions {
-                n_ctx: 512,
-                threads: 2,
-                ..SessionOptions::default()
-            },
-        )
-        .unwrap();
+        let mut session = crate::task::testing::session(&ctx, 512);
         let mut engine = Engine {
             session: &mut session,
             query: QueryMode::Aware,
