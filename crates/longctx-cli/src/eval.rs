@@ -136,7 +136,7 @@ fn evaluate(args: Args) -> Result<()> {
     let mut spec: Spec = args.task.parse()?;
     // `passkey:wording=auto` is built with a stand-in wording until calibration chooses one, so
     // its other parameters are checked before the model loads.
-    let auto_wording = auto_wording(&mut spec);
+    let auto_wording = auto_wording(&mut spec)?;
     let mut task = task_from_spec(&spec)?;
     if args.lengths.is_empty() {
         bail!("--lengths is empty; give at least one length, e.g. --lengths 1k,2k");
@@ -241,32 +241,32 @@ fn evaluate(args: Args) -> Result<()> {
         &mut |event| progress.on(event),
     )?;
     progress.finish();
-    let runs = [RunResults::load(&out)?];
-    write_report(&out, &runs)?;
-    print_summary(&out)?;
+    let run = RunResults::load(&out)?;
+    if let Some(line) = calibration_line(&run) {
+        eprintln!("{line}");
+    }
+    write_report(&out, &[run])?;
+    print_summary(&out);
     Ok(())
 }
 
 /// For `passkey:wording=auto`, replaces the wording with a stand-in (so the spec builds and its
 /// other parameters are checked) and returns the key length calibration will use.
-fn auto_wording(spec: &mut Spec) -> Option<u32> {
+fn auto_wording(spec: &mut Spec) -> Result<Option<u32>> {
     let [part] = spec.parts.as_mut_slice() else {
-        return None;
+        return Ok(None);
     };
     if part.name != "passkey" {
-        return None;
+        return Ok(None);
     }
-    let wording = part.params.iter_mut().find(|(k, _)| k == "wording")?;
+    let Some(wording) = part.params.iter_mut().find(|(k, _)| k == "wording") else {
+        return Ok(None);
+    };
     if wording.1 != passkey::AUTO {
-        return None;
+        return Ok(None);
     }
     wording.1 = Wording::ALL[0].name().to_string();
-    let digits = part
-        .params
-        .iter()
-        .find(|(k, _)| k == "digits")
-        .and_then(|(_, v)| v.parse().ok());
-    Some(digits.unwrap_or(Passkey::default().digits))
+    Ok(Some(Passkey::from_spec(part)?.digits))
 }
 
 /// Runs every passkey wording at lengths inside the trained window (resumable, under
@@ -361,14 +361,10 @@ fn save_prompts(
     Ok(())
 }
 
-fn print_summary(out: &Path) -> Result<()> {
+fn print_summary(out: &Path) {
     let report = out.join("report.md");
-    if let Some(line) = calibration_line(&RunResults::load(out)?) {
-        eprintln!("{line}");
-    }
     eprintln!("results: {}", out.join(runner::RESULTS_FILE).display());
     eprintln!("report:  {}", report.display());
-    Ok(())
 }
 
 fn slug(text: &str) -> String {

@@ -141,21 +141,15 @@ impl Calibration {
 
     /// A short mark for tables.
     pub fn mark(&self) -> String {
+        let measured = format!("{:.0} at {}", self.score, length_label(self.length));
         match self.verdict {
-            Verdict::Passed => format!(
-                "passed ({:.0} at {})",
-                self.score,
-                length_label(self.length)
-            ),
-            Verdict::Failed => format!(
-                "**failed** ({:.0} at {})",
-                self.score,
-                length_label(self.length)
-            ),
+            Verdict::Passed => format!("passed ({measured})"),
+            Verdict::Failed => format!("**failed** ({measured})"),
             Verdict::Outside => "not measured inside the window".to_string(),
         }
     }
 }
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LengthValue {
     pub length: usize,
