@@ -312,7 +312,7 @@ fn dot_path(wtype: WeightType, w: &[u8], a: &[u8], cols: usize, path: KPath) -> 
 }
 
 /// ggml's `hsum_float_8`: halves, then pairs, then the last two.
-fn hsum8(v: [f32; 8]) -> f32 {
+pub(super) fn hsum8(v: [f32; 8]) -> f32 {
     let h: [f32; 4] = std::array::from_fn(|i| v[i] + v[i + 4]);
     (h[0] + h[2]) + (h[1] + h[3])
 }

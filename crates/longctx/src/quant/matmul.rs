@@ -158,3 +158,96 @@ fn rows(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Arc;
+
+    use memmap2::Mmap;
+
+    use super::*;
+    use crate::quant::{blocks, MapSlice, WeightType};
+
+    /// A `[rows, cols]` matrix of random valid blocks, mapped from a temporary file as a model's
+    /// weights are.
+    fn weight(wtype: WeightType, rows: usize, cols: usize, seed: u32) -> Weight {
+        let bytes = wtype.block().1;
+        let mut s = seed;
+        let mut data: Vec<u8> = (0..rows * cols / 32 * bytes)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 24) as u8
+            })
+            .collect();
+        for (i, b) in data.chunks_exact_mut(bytes).enumerate() {
+            let d = half::f16::from_f32(0.002 + 0.0005 * (i % 9) as f32);
+            b[..2].copy_from_slice(&d.to_le_bytes());
+            if wtype == WeightType::Q5_1 {
+                b[2..4].copy_from_slice(&(-d).to_le_bytes());
+            }
+        }
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        // SAFETY: the temporary file is private to this test and not resized while mapped.
+        let map = Arc::new(unsafe { Mmap::map(&file) }.unwrap());
+        let slice = MapSlice::new(map, 0, data.len());
+        Weight::new("blk.0.attn_q.weight", wtype, rows, cols, slice).unwrap()
+    }
+
+    /// Q5 matrices through the threaded driver, one token (decode) and several (prefill: groups
+    /// of four through `dot_x4`, the rest through `dot`): every output is the scalar oracle's
+    /// product bit for bit and close to the float product of the dequantized weights.
+    #[test]
+    fn q5_weights_through_matmul_match_the_oracle() {
+        let pool = ThreadPool::new(2);
+        let (rows, cols) = (20, 640);
+        for wtype in [WeightType::Q5_0, WeightType::Q5_1] {
+            let w = weight(wtype, rows, cols, 17);
+            let mut deq = vec![0f32; rows * cols];
+            for (r, out) in deq.chunks_exact_mut(cols).enumerate() {
+                w.dequantize_row(r, out);
+            }
+            for tokens in [1, 2, 7] {
+                let mut s = 99u32 + tokens as u32;
+                let x: Vec<f32> = (0..tokens * cols)
+                    .map(|_| {
+                        s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                        (s >> 8) as f32 / (1 << 24) as f32 - 0.5
+                    })
+                    .collect();
+                let mut out = vec![f32::NAN; tokens * rows];
+                let mut cache = ActCache::default();
+                matmul(
+                    &pool,
+                    &mut cache,
+                    &x,
+                    tokens,
+                    &mut [MatmulJob {
+                        weight: &w,
+                        out: &mut out,
+                    }],
+                );
+                let mut act = Activations::default();
+                act.quantize(&x, tokens, cols, wtype.act_type());
+                for t in 0..tokens {
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    for r in 0..rows {
+                        let got = out[t * rows + r];
+                        let oracle = blocks::dot_scalar(wtype, w.row(r), act.row(t), cols);
+                        assert_eq!(got.to_bits(), oracle.to_bits(), "{wtype:?} t {t} r {r}");
+                        let exact: f32 = deq[r * cols..(r + 1) * cols]
+                            .iter()
+                            .zip(xt)
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        assert!(
+                            (got - exact).abs() < 0.02,
+                            "{wtype:?} t {t} r {r}: {got} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! Weight matrices as GGUF stores them, and the matrix product the forward pass is made of.
 //!
 //! Activations are converted to the companion format ggml pairs with each weight type (Q8_1 for
-//! Q4_1, Q8_0 for Q4_0/Q8_0, Q8_K for K-quants, f16 for F16, bf16 for BF16) before the dot
+//! Q4_1/Q5_1, Q8_0 for Q4_0/Q5_0/Q8_0, Q8_K for K-quants, f16 for F16, bf16 for BF16) before the dot
 //! products, exactly as llama.cpp does: the logits then agree with llama.cpp's to rounding, which
 //! a float path would not.
 
@@ -40,6 +40,8 @@ pub enum WeightType {
     BF16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
     Q5K,
@@ -65,6 +67,8 @@ impl WeightType {
             GgmlDType::BF16 => Self::BF16,
             GgmlDType::Q4_0 => Self::Q4_0,
             GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q5_1 => Self::Q5_1,
             GgmlDType::Q8_0 => Self::Q8_0,
             GgmlDType::Q4K => Self::Q4K,
             GgmlDType::Q5K => Self::Q5K,
@@ -85,6 +89,8 @@ impl WeightType {
             Self::F16 | Self::BF16 => (1, 2),
             Self::Q4_0 => (32, 18),
             Self::Q4_1 => (32, 20),
+            Self::Q5_0 => (32, 22),
+            Self::Q5_1 => (32, 24),
             Self::Q8_0 => (32, 34),
             Self::Q4K => (256, 144),
             Self::Q5K => (256, 176),
@@ -97,8 +103,8 @@ impl WeightType {
             Self::F32 => ActType::F32,
             Self::F16 => ActType::F16,
             Self::BF16 => ActType::BF16,
-            Self::Q4_0 | Self::Q8_0 => ActType::Q8_0,
-            Self::Q4_1 => ActType::Q8_1,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => ActType::Q8_0,
+            Self::Q4_1 | Self::Q5_1 => ActType::Q8_1,
             Self::Q4K | Self::Q5K | Self::Q6K => ActType::Q8K,
         }
     }
@@ -222,9 +228,11 @@ impl Weight {
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => {
                 float::to_f32(self.wtype, row, out)
             }
-            WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => {
-                blocks::dequantize(self.wtype, row, out)
-            }
+            WeightType::Q4_0
+            | WeightType::Q4_1
+            | WeightType::Q5_0
+            | WeightType::Q5_1
+            | WeightType::Q8_0 => blocks::dequantize(self.wtype, row, out),
             WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
                 kquants::dequantize(self.wtype, row, out)
             }
@@ -312,7 +320,11 @@ pub fn dot(wtype: WeightType, w: &[u8], a: &[u8], cols: usize, batch: Batch) -> 
         WeightType::F32 | WeightType::F16 | WeightType::BF16 => {
             float::dot(wtype, w, a, cols, batch.tokens)
         }
-        WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => blocks::dot(wtype, w, a, cols),
+        WeightType::Q4_0
+        | WeightType::Q4_1
+        | WeightType::Q5_0
+        | WeightType::Q5_1
+        | WeightType::Q8_0 => blocks::dot(wtype, w, a, cols),
         WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
             let path = kquants::KPath::choose(wtype, batch.repacked, batch.tokens, false);
             kquants::dot(wtype, w, a, cols, path)
@@ -328,7 +340,11 @@ pub fn dot(wtype: WeightType, w: &[u8], a: &[u8], cols: usize, batch: Batch) -> 
 /// driver calls this for exactly those groups, so both paths match.
 pub fn dot_x4(wtype: WeightType, w: &[u8], a: [&[u8]; 4], cols: usize, batch: Batch) -> [f32; 4] {
     match wtype {
-        WeightType::Q4_0 | WeightType::Q4_1 | WeightType::Q8_0 => blocks::dot_x4(wtype, w, a, cols),
+        WeightType::Q4_0
+        | WeightType::Q4_1
+        | WeightType::Q5_0
+        | WeightType::Q5_1
+        | WeightType::Q8_0 => blocks::dot_x4(wtype, w, a, cols),
         WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
             let path = kquants::KPath::choose(wtype, batch.repacked, batch.tokens, true);
             kquants::dot_x4(wtype, w, a, cols, path)

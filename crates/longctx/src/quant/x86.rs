@@ -2,8 +2,10 @@
 //! for Q4_1 (its `vec_dot_unopt` is scalar) and because the prefill kernel reads each weight
 //! block once for four activation rows.
 //!
-//! Every weight block is turned into 32 unsigned bytes (Q4_1) or into |w| plus a sign (Q4_0,
-//! Q8_0, ggml's sign trick), so that one `maddubs` multiplies it with 32 signed activation bytes.
+//! Every weight block is turned into 32 unsigned bytes (Q4_1, Q5_1) or into |w| plus a sign
+//! (Q4_0, Q5_0, Q8_0, ggml's sign trick), so that one `maddubs` multiplies it with 32 signed
+//! activation bytes. The float order of each type is documented in `blocks.rs`, whose
+//! `dot_scalar` is the bit-for-bit oracle of these kernels.
 //!
 //! The kernels are stamped out twice by `block_kernels!`, once for AVX2 and once with AVX512-VNNI
 //! enabled: every helper must carry the same target features as its caller, or LLVM leaves the
@@ -107,22 +109,56 @@ macro_rules! block_kernels {
             _mm256_set_m128i(high, low)
         }
 
+        /// The 32 high bits of a Q5 block (qh, a little-endian u32 at `p`) → 32 bytes, 0xff
+        /// where bit j is set, 0 where not. Both 128-bit halves hold all four qh bytes, so the
+        /// in-lane byte shuffle can hand byte j the qh byte j/8; one AND picks bit j%8.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn high_bits(p: *const u8) -> __m256i {
+            let qh = _mm256_set1_epi32(std::ptr::read_unaligned(p.cast::<i32>()));
+            let spread = _mm256_shuffle_epi8(
+                qh,
+                _mm256_setr_epi64x(
+                    0,
+                    0x0101_0101_0101_0101,
+                    0x0202_0202_0202_0202,
+                    0x0303_0303_0303_0303,
+                ),
+            );
+            let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
+        }
+
+        /// d and m of a Q4_1/Q5_1 block: adjacent f16s, one conversion for both.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn half_pair(p: *const u8) -> (f32, f32) {
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p.cast::<i32>())));
+            (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+        }
+
         /// The weight block ready for the products: (unsigned bytes, sign source, d, m).
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn load_weight(wtype: WeightType, b: *const u8) -> (__m256i, __m256i, f32, f32) {
             match wtype {
                 WeightType::Q4_1 => {
-                    // d and m are adjacent f16s: one conversion for both.
-                    let dm =
-                        _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b.cast::<i32>())));
-                    let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-                    (
-                        unpack_nibbles(b.add(4)),
-                        _mm256_setzero_si256(),
-                        _mm_cvtss_f32(dm),
-                        m,
-                    )
+                    let (d, m) = half_pair(b);
+                    (unpack_nibbles(b.add(4)), _mm256_setzero_si256(), d, m)
+                }
+                WeightType::Q5_1 => {
+                    // Codes 0..31: the nibble with 0x10 where the high bit is set.
+                    let (d, m) = half_pair(b);
+                    let high = _mm256_and_si256(high_bits(b.add(4)), _mm256_set1_epi8(0x10));
+                    let codes = _mm256_or_si256(unpack_nibbles(b.add(8)), high);
+                    (codes, _mm256_setzero_si256(), d, m)
+                }
+                WeightType::Q5_0 => {
+                    // code − 16 as i8: the nibble itself where the high bit is set, the nibble
+                    // with 0xf0 (−16 + nibble) where it is not.
+                    let low = _mm256_andnot_si256(high_bits(b.add(2)), _mm256_set1_epi8(-16));
+                    let signed = _mm256_or_si256(unpack_nibbles(b.add(6)), low);
+                    (_mm256_sign_epi8(signed, signed), signed, half(b), 0.0)
                 }
                 WeightType::Q4_0 => {
                     let signed = _mm256_sub_epi8(unpack_nibbles(b.add(2)), _mm256_set1_epi8(8));
@@ -135,8 +171,9 @@ macro_rules! block_kernels {
             }
         }
 
-        /// Adds block `i` of row `x` times the weight block to `acc`; returns the Q4_1 minimum
-        /// term m·s separately (ggml sums it apart from the vector accumulator too).
+        /// Adds block `i` of row `x` times the weight block to `acc`, and for Q4_1/Q5_1 the
+        /// minimum term to `summs` as `fma(m, s, summs)` (ggml sums it apart from the vector
+        /// accumulator too, and GCC fuses its `summs += m*s`).
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn block(
@@ -145,16 +182,16 @@ macro_rules! block_kernels {
             x: Row,
             i: usize,
             acc: &mut __m256,
-        ) -> f32 {
+            summs: &mut f32,
+        ) {
             let (unsigned, sign, dw, m) = w;
             let q = _mm256_loadu_si256(x.qs.add(32 * i).cast());
             let scale = _mm256_set1_ps(dw * std::ptr::read_unaligned(x.d.add(i)));
-            if wtype == WeightType::Q4_1 {
+            if matches!(wtype, WeightType::Q4_1 | WeightType::Q5_1) {
                 *acc = _mm256_fmadd_ps(scale, $products(unsigned, q), *acc);
-                m * std::ptr::read_unaligned(x.s.add(i))
+                *summs = m.mul_add(std::ptr::read_unaligned(x.s.add(i)), *summs);
             } else {
                 *acc = _mm256_fmadd_ps(scale, $products(unsigned, _mm256_sign_epi8(q, sign)), *acc);
-                0.0
             }
         }
 
@@ -196,12 +233,12 @@ macro_rules! block_kernels {
             let wp = w.as_ptr();
             let x = Row::new(a, cols);
             let mut acc = _mm256_setzero_ps();
-            let mut extra = 0f32;
+            let mut summs = 0f32;
             for i in 0..cols / 32 {
                 let wv = load_weight(wtype, wp.add(i * wb));
-                extra += block(wtype, wv, x, i, &mut acc);
+                block(wtype, wv, x, i, &mut acc, &mut summs);
             }
-            hsum(acc) + extra
+            hsum(acc) + summs
         }
 
         #[target_feature(enable = $features)]
@@ -231,18 +268,18 @@ macro_rules! block_kernels {
                 Row::new(a[3], cols),
             ];
             let mut acc = [_mm256_setzero_ps(); 4];
-            let mut extra = [0f32; 4];
+            let mut summs = [0f32; 4];
             for i in 0..cols / 32 {
                 let wv = load_weight(wtype, wp.add(i * wb));
                 for r in 0..4 {
-                    extra[r] += block(wtype, wv, rows[r], i, &mut acc[r]);
+                    block(wtype, wv, rows[r], i, &mut acc[r], &mut summs[r]);
                 }
             }
             [
-                hsum(acc[0]) + extra[0],
-                hsum(acc[1]) + extra[1],
-                hsum(acc[2]) + extra[2],
-                hsum(acc[3]) + extra[3],
+                hsum(acc[0]) + summs[0],
+                hsum(acc[1]) + summs[1],
+                hsum(acc[2]) + summs[2],
+                hsum(acc[3]) + summs[3],
             ]
         }
     };
@@ -333,4 +370,80 @@ pub(super) unsafe fn quantize_block(x: &[f32], qs: &mut [u8]) -> (f32, i32) {
     let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(qs.as_mut_ptr().cast(), bytes);
     (amax / 127.0, _mm_cvtsi128_si32(s4))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::blocks::dot_scalar;
+    use crate::quant::Activations;
+
+    /// `dot` runs only the best variant the CPU has; this runs both stamped variants (the VNNI one
+    /// where the CPU has it) against the scalar oracle.
+    #[test]
+    fn both_kernel_variants_equal_the_scalar_oracle() {
+        if !has_avx2() {
+            return;
+        }
+        let mut s = 3u32;
+        let mut next = move || {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            s
+        };
+        for cols in [32, 96, 640, 2048] {
+            for wtype in [
+                WeightType::Q4_0,
+                WeightType::Q4_1,
+                WeightType::Q5_0,
+                WeightType::Q5_1,
+                WeightType::Q8_0,
+            ] {
+                let bytes = wtype.block().1;
+                let mut w: Vec<u8> = (0..cols / 32 * bytes).map(|_| next() as u8).collect();
+                for (i, b) in w.chunks_exact_mut(bytes).enumerate() {
+                    let d = half::f16::from_f32(0.001 * (i % 7) as f32 - 0.003);
+                    b[..2].copy_from_slice(&d.to_le_bytes());
+                    if matches!(wtype, WeightType::Q4_1 | WeightType::Q5_1) {
+                        b[2..4].copy_from_slice(&(-d).to_le_bytes());
+                    }
+                }
+                let acts: Vec<Activations> = (0..4)
+                    .map(|_| {
+                        let x: Vec<f32> = (0..cols)
+                            .map(|_| (next() >> 8) as f32 / (1 << 24) as f32 - 0.5)
+                            .collect();
+                        let mut a = Activations::default();
+                        a.quantize(&x, 1, cols, wtype.act_type());
+                        a
+                    })
+                    .collect();
+                let a = [
+                    acts[0].row(0),
+                    acts[1].row(0),
+                    acts[2].row(0),
+                    acts[3].row(0),
+                ];
+                let oracle = a.map(|a| dot_scalar(wtype, &w, a, cols).to_bits());
+                // SAFETY: has_avx2 (and has_vnni for the VNNI variant) checked.
+                unsafe {
+                    let mut got = vec![(
+                        "avx2",
+                        a.map(|a| avx2::dot(wtype, &w, a, cols)),
+                        avx2::dot_x4(wtype, &w, a, cols),
+                    )];
+                    if has_vnni() {
+                        got.push((
+                            "vnni",
+                            a.map(|a| vnni::dot(wtype, &w, a, cols)),
+                            vnni::dot_x4(wtype, &w, a, cols),
+                        ));
+                    }
+                    for (name, one, four) in got {
+                        assert_eq!(one.map(f32::to_bits), oracle, "{name} {wtype:?} {cols}");
+                        assert_eq!(four.map(f32::to_bits), oracle, "{name} {wtype:?} {cols}");
+                    }
+                }
+            }
+        }
+    }
 }
