@@ -98,6 +98,22 @@ impl Gguf {
             .ok_or_else(|| Error::MissingMetadata(format!("the integer `{key}`")))
     }
 
+    /// An array of booleans (or of integers, read as nonzero).
+    pub fn get_bool_array(&self, key: &str) -> Result<Vec<bool>> {
+        let missing = || Error::MissingMetadata(format!("the array of booleans `{key}`"));
+        match self.get(key) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Bool(b) => Some(*b),
+                    v => value_as_u64(v).map(|n| n != 0),
+                })
+                .collect::<Option<Vec<bool>>>()
+                .ok_or_else(missing),
+            _ => Err(missing()),
+        }
+    }
+
     pub fn get_f32(&self, key: &str) -> Result<f32> {
         match self.get(key) {
             Some(Value::F32(v)) => Ok(*v),

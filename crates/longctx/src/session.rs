@@ -60,6 +60,17 @@ impl Model {
             linear_factor: self.config.rope_linear_factor,
         }
     }
+
+    /// The RoPE of a sliding-window model's local layers: their own base, unscaled, whatever
+    /// `--rope` does to the global ones (as llama.cpp and transformers apply schemes).
+    pub fn local_rope(&self) -> Option<ModelRope> {
+        self.config.sliding.as_ref().map(|s| ModelRope {
+            base: s.rope_base,
+            dims: self.config.rope_dims,
+            freq_factors: None,
+            linear_factor: 1.0,
+        })
+    }
 }
 
 /// How a session is set up.
@@ -125,6 +136,8 @@ pub struct Session {
     buffers: Buffers,
     scratch: Scratch,
     scheme: Box<dyn PositionScheme>,
+    /// The local layers' RoPE, for sliding-window models.
+    local_rope: Option<ModelRope>,
     /// Position the next token will take.
     next_position: i32,
     /// End of the positions already grouped, for Self-Extend's block mode (llama.cpp's `ga_i`).
@@ -229,10 +242,11 @@ impl Plan {
             Some(kivi) => kivi.bytes_for(options.kv_dtype, &Shape::of(c), n_ctx, chunk),
             None => KvCache::bytes_for(
                 options.kv_dtype,
-                c.n_layer,
                 c.n_kv_head,
                 c.head_dim,
                 n_ctx,
+                &windows(c),
+                chunk,
                 far.is_some_and(|f| f.moves_keys()),
             ),
         };
@@ -246,6 +260,11 @@ impl Plan {
             kivi,
         })
     }
+}
+
+/// Each layer's sliding window, if it is local.
+fn windows(c: &Config) -> Vec<Option<usize>> {
+    (0..c.n_layer).map(|l| c.window(l)).collect()
 }
 
 /// Whether `tokens` in the cache and `generated` more fit `options.n_ctx` under `policy`.
@@ -307,8 +326,21 @@ impl Session {
             kivi,
         } = Plan::new(&model, &options)?;
         let far = scheme.far();
+        let local_rope = model.local_rope();
         let grouped_keys = far.filter(|f| f.moves_keys());
-        let mut cache = KvCache::new(options.kv_dtype, c.n_layer, c.n_kv_head, c.head_dim, n_ctx);
+        let mut cache = KvCache::with_windows(
+            options.kv_dtype,
+            c.n_kv_head,
+            c.head_dim,
+            n_ctx,
+            &windows(c),
+            chunk,
+        );
+        if let Some(local) = &local_rope {
+            let mut freqs = Vec::new();
+            local.frequencies(0, &mut freqs);
+            cache.set_local_frequencies(freqs);
+        }
         if let Some(f) = grouped_keys {
             cache.keep_grouped_keys(f.group);
         }
@@ -331,6 +363,7 @@ impl Session {
             cache,
             scratch,
             scheme,
+            local_rope,
             next_position: 0,
             grouped_until: 0,
             positions: Vec::with_capacity(chunk),
@@ -385,7 +418,7 @@ impl Session {
     /// from there (a server's prefix cache). Only a cache that holds every token at its own
     /// position holds a prefix of them: the full policy, without KIVI or grouped positions.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
-        if !self.holds_prefix() || len > self.cache.len() {
+        if !self.holds_prefix() || len > self.cache.len() || !self.cache.holds_window_for(len) {
             return Err(Error::InvalidOption(format!(
                 "cannot cut a cache of {} tokens under --kv {} --rope {} back to {len} tokens;                  only the full cache holds a prefix of its tokens",
                 self.cache.len(),
@@ -469,6 +502,11 @@ impl Session {
     /// Bytes of KV cache holding the tokens in it.
     pub fn kv_bytes(&self) -> usize {
         self.cache.bytes_in_use()
+    }
+
+    /// [`Session::kv_bytes`] of the local (sliding-window) layers, and of the others.
+    pub fn kv_bytes_by_kind(&self) -> (usize, usize) {
+        self.cache.bytes_in_use_by_kind()
     }
 
     pub fn cache(&self) -> &KvCache {
@@ -645,6 +683,14 @@ impl Session {
             &mut self.frequencies,
             &mut self.scratch.rotary,
         );
+        if let Some(local) = &self.local_rope {
+            local.fill_table(
+                &self.positions,
+                seq_len,
+                &mut self.frequencies,
+                &mut self.scratch.local_rotary,
+            );
+        }
         if let Some(far) = &mut self.scratch.far {
             far.fill(
                 self.scheme.as_ref(),

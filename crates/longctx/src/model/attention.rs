@@ -117,6 +117,7 @@ pub fn attend(
         assert!(far.is_none(), "no far attention over a quantized cache");
         let mut row = [QueryRow {
             q,
+            from: 0,
             visible,
             out,
             far: None,
@@ -156,10 +157,12 @@ pub const BLOCK_TOKENS: usize = 8;
 /// to f32 once for every query of the block (32 KiB at head size 64), stays in L1/L2.
 const TILE: usize = 128;
 
-/// One query of an [`attend_block`]: `q` `[D]` (already rotated) sees the first `visible` slots
+/// One query of an [`attend_block`]: `q` `[D]` (already rotated) sees slots `from..visible`
 /// and writes `out` `[D]`.
 pub struct QueryRow<'a> {
     pub q: &'a [f32],
+    /// The first slot the query sees: 0, or past the keys a sliding window has left behind.
+    pub from: usize,
     pub visible: usize,
     pub out: &'a mut [f32],
     /// Self-Extend, STRING: the first `slots` slots are scored by this query against the far
@@ -197,6 +200,9 @@ struct BlockScratch {
 /// across the tile. `scores` holds at least `rows × stride` values ([`block_stride`]); on
 /// return row r's softmax weights are `scores[r·stride..][..visible]`. Rows with a far part
 /// score it against `far_keys`, laid out as the cache's keys.
+///
+/// Slots before a row's `from` are masked (a sliding window): they weigh exactly 0, as
+/// llama.cpp's −∞ mask makes them, and tiles wholly before every row's `from` are not read.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_block(
     cache: &KvCache,
@@ -214,6 +220,12 @@ pub fn attend_block(
         far_keys.is_none() || cache.quantized(layer, kv_head) == 0,
         "no far attention over a quantized cache"
     );
+    assert!(
+        rows.iter().all(|r| r.from == 0 || r.far.is_none()),
+        "no far attention in a sliding window"
+    );
+    // The first tile any row reads.
+    let first_tile = rows.iter().map(|r| r.from).min().unwrap_or(0) / TILE * TILE;
     let base = cache.offset(layer, kv_head, 0);
     let stride = block_stride(rows);
     let scores = &mut scores[..rows.len() * stride];
@@ -237,7 +249,7 @@ pub fn attend_block(
                 round_to_f16(qr);
             }
         }
-        for tile in (0..stride).step_by(TILE) {
+        for tile in (first_tile..stride).step_by(TILE) {
             let tile_end = (tile + TILE).min(stride);
             let BlockScratch {
                 tile: near_buffer,
@@ -266,12 +278,13 @@ pub fn attend_block(
                 .zip(queries.chunks(2 * d))
             {
                 let end = (tile + TILE).min(row.visible);
-                if end <= tile {
+                let start = tile.max(row.from);
+                if end <= start {
                     continue;
                 }
-                let split = row.far.map_or(tile, |f| f.slots.clamp(tile, end));
+                let split = row.far.map_or(start, |f| f.slots.clamp(tile, end));
                 let (near_q, far_q) = q.split_at(d);
-                let (far_s, near_s) = s[tile..end].split_at_mut(split - tile);
+                let (far_s, near_s) = s[start..end].split_at_mut(split - start);
                 if !far_s.is_empty() {
                     score_tile(far_q, far_tile, d, kq_lanes, f16_cache, scale, far_s);
                 }
@@ -280,13 +293,13 @@ pub fn attend_block(
             }
         }
         for (row, s) in rows.iter().zip(scores.chunks_mut(stride)) {
-            softmax(&mut s[..row.visible]);
+            softmax_from(&mut s[..row.visible], row.from);
         }
         let per_row = kqv_lanes * d;
         let acc = &mut block.acc[..rows.len() * per_row];
         acc.fill(0.0);
         let mut weights = [0f32; TILE];
-        for tile in (0..stride).step_by(TILE) {
+        for tile in (first_tile..stride).step_by(TILE) {
             let tile_end = (tile + TILE).min(stride);
             let values = widen_slots(
                 cache,
@@ -303,7 +316,7 @@ pub fn attend_block(
                 .zip(acc.chunks_mut(per_row))
             {
                 let end = (tile + TILE).min(row.visible);
-                if end > tile {
+                if end > tile.max(row.from) {
                     let p = &mut weights[..end - tile];
                     p.copy_from_slice(&s[tile..end]);
                     // `mul_mat` converts the weights to the cache type first.
@@ -527,6 +540,16 @@ fn reduce_lanes(acc: &mut [f32], d: usize, lanes: usize, out: &mut [f32]) {
         0 => out.fill(0.0),
         _ => out.copy_from_slice(&acc[..d]),
     }
+}
+
+/// [`softmax`] of the scores of slots `from..`, the slots before weighing exactly 0: the blocks of
+/// 16 stay where they are counted from slot 0, and the masked slots of the first one are −∞, so
+/// the bits are those of the whole row with llama.cpp's mask.
+fn softmax_from(x: &mut [f32], from: usize) {
+    let aligned = from / 16 * 16;
+    x[..aligned].fill(0.0);
+    x[aligned..from].fill(f32::NEG_INFINITY);
+    softmax(&mut x[aligned..]);
 }
 
 /// `ggml_vec_soft_max_f32` (AVX512 path) followed by the scaling of
@@ -930,6 +953,78 @@ mod tests {
     use super::*;
     use crate::kv::KvDtype;
 
+    /// A sliding window: slots before `from` weigh exactly 0, the rest follow the textbook
+    /// formula, and dropping whole multiples of 64 slots from the front (what a local layer's
+    /// cache does) leaves every bit of the output as it was.
+    #[test]
+    fn a_window_masks_the_slots_before_it_and_survives_dropping_64_slots() {
+        let (d, slots) = (64, 300);
+        let key = |j: usize, i: usize| ((i * 7 + j * 13) as f32 * 0.037).sin();
+        let value = |j: usize, i: usize| ((i + 3 * j) as f32 * 0.011).cos();
+        let fill = |dropped: usize| {
+            let mut cache = KvCache::new(KvDtype::F16, 1, 1, d, slots);
+            let positions: Vec<i32> = (dropped as i32..slots as i32).collect();
+            cache.push_slots(&positions).unwrap();
+            for j in dropped..slots {
+                let (k, v): (Vec<f32>, Vec<f32>) = (0..d).map(|i| (key(j, i), value(j, i))).unzip();
+                cache.write(0, 0, j - dropped, &k, &v);
+            }
+            cache
+        };
+        let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.05).cos()).collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        let attend_from = |cache: &KvCache, from: usize, visible: usize, reduction| {
+            let mut out = vec![0f32; d];
+            let mut scores = vec![0f32; visible];
+            attend_block(
+                cache,
+                0,
+                0,
+                &mut [QueryRow {
+                    q: &q,
+                    from,
+                    visible,
+                    out: &mut out,
+                    far: None,
+                }],
+                scale,
+                &mut scores,
+                reduction,
+                None,
+            );
+            (out, scores)
+        };
+        let full = fill(0);
+        for reduction in [Reduction::Gemm, Reduction::VecDot] {
+            for (from, visible) in [(0, 300), (130, 300), (200, 257), (250, 251)] {
+                let (out, weights) = attend_from(&full, from, visible, reduction);
+                assert!(weights[..from].iter().all(|&w| w == 0.0));
+                let logits: Vec<f64> = (from..visible)
+                    .map(|j| (0..d).map(|i| (q[i] * key(j, i)) as f64).sum::<f64>() * scale as f64)
+                    .collect();
+                let z: f64 = logits.iter().map(|l| l.exp()).sum();
+                for (i, &o) in out.iter().enumerate() {
+                    let expected: f64 = (from..visible)
+                        .map(|j| (logits[j - from].exp() / z) * value(j, i) as f64)
+                        .sum();
+                    assert!(
+                        (o as f64 - expected).abs() < 2e-3,
+                        "output {i}: {o} vs {expected}"
+                    );
+                }
+                if from >= 128 {
+                    let shorter = fill(128);
+                    let (dropped, _) = attend_from(&shorter, from - 128, visible - 128, reduction);
+                    assert_eq!(
+                        out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        dropped.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{reduction:?}, from {from}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn attention_equals_the_textbook_formula() {
         let d = 8;
@@ -1131,6 +1226,7 @@ mod tests {
                         .zip(outs.iter_mut())
                         .map(|(((q, far_q), (&visible, &slots)), out)| QueryRow {
                             q,
+                            from: 0,
                             visible,
                             out,
                             far: with_far.then_some(FarRow { q: far_q, slots }),
@@ -1226,6 +1322,7 @@ mod tests {
                 .zip(block_outs.iter_mut())
                 .map(|((q, &visible), out)| QueryRow {
                     q,
+                    from: 0,
                     visible,
                     out,
                     far: None,

@@ -1,8 +1,13 @@
-//! The llama-family forward pass (Llama 2/3, Mistral, SmolLM; Qwen2 adds q/k/v biases).
+//! The llama-family forward pass (Llama 2/3, Mistral, SmolLM; Qwen2 adds q/k/v biases; Gemma 3
+//! adds norms and a sliding window, below).
 //!
 //! Read top to bottom, it is the architecture diagram: embed, then per layer
 //! `x += Wo·attn(rope(Wq·norm(x)), cache)` and `x += Wdown·(silu(Wgate·norm(x)) ⊙ Wup·norm(x))`,
-//! then a final norm and the output projection. [`forward`] runs a chunk of one sequence's
+//! then a final norm and the output projection. Gemma 3 (Gemma Team, "Gemma 3 Technical
+//! Report", arXiv:2503.19786) scales the embeddings by √E, norms each head of q and k before
+//! rotating them, norms the attention and feed-forward outputs before adding them to x, gates
+//! with GELU instead of SiLU (GeGLU), and has local layers that attend only a sliding window
+//! of recent positions, rotated with a RoPE base of their own. [`forward`] runs a chunk of one sequence's
 //! tokens through it; [`forward_batch`] runs one token of each of several sequences, whose
 //! matmuls share one pass over the weights while each attends over its own cache. Shapes: T
 //! tokens in the call, E embedding, H/Hkv query/KV heads, D head size, F feed-forward size, V
@@ -15,6 +20,7 @@ use crate::model::attention::{
     MAX_HEAD_DIM,
 };
 use crate::model::config::{Architecture, Config};
+use crate::model::geglu::geglu;
 use crate::model::swiglu::swiglu;
 use crate::positions::{FarPositions, PositionScheme, RotaryTable};
 use crate::quant::{matmul, ActCache, MatmulJob, Weight};
@@ -35,6 +41,12 @@ pub struct LayerWeights {
     pub ffn_gate: Weight,    // [F, E]
     pub ffn_up: Weight,      // [F, E]
     pub ffn_down: Weight,    // [E, F]
+    /// Gemma 3: per-head RMSNorm weights of q and k, `[D]`.
+    pub attn_q_norm: Option<Vec<f32>>,
+    pub attn_k_norm: Option<Vec<f32>>,
+    /// Gemma 3: RMSNorm weights of the attention and feed-forward outputs, `[E]`.
+    pub post_attention_norm: Option<Vec<f32>>,
+    pub post_ffw_norm: Option<Vec<f32>>,
 }
 
 /// All weights of a model, mapped in place from the GGUF file.
@@ -78,6 +90,10 @@ impl Weights {
     pub fn load(g: &Gguf, c: &Config) -> Result<Self> {
         let (e, qd, kvd) = (c.n_embd, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
         let biased = c.arch == Architecture::Qwen2;
+        let gemma = c.arch == Architecture::Gemma3;
+        let norm = |name: String, len| -> Result<Option<Vec<f32>>> {
+            gemma.then(|| vector(g, &name, len)).transpose()
+        };
         let bias = |name: String, len| -> Result<Option<Vec<f32>>> {
             if biased || g.has_tensor(&name) {
                 vector(g, &name, len).map(Some)
@@ -101,6 +117,10 @@ impl Weights {
                     ffn_gate: matrix(g, &p("ffn_gate.weight"), c.n_ff, e)?,
                     ffn_up: matrix(g, &p("ffn_up.weight"), c.n_ff, e)?,
                     ffn_down: matrix(g, &p("ffn_down.weight"), e, c.n_ff)?,
+                    attn_q_norm: norm(p("attn_q_norm.weight"), c.head_dim)?,
+                    attn_k_norm: norm(p("attn_k_norm.weight"), c.head_dim)?,
+                    post_attention_norm: norm(p("post_attention_norm.weight"), e)?,
+                    post_ffw_norm: norm(p("post_ffw_norm.weight"), e)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -147,6 +167,8 @@ pub struct Scratch {
     /// ([`BLOCK_TOKENS`] tokens times the heads sharing a KV head).
     scores: Vec<std::sync::Mutex<Vec<f32>>>,
     pub rotary: RotaryTable,
+    /// The local layers' rotations (their own base, no scheme), for sliding-window models.
+    pub local_rotary: RotaryTable,
     /// Set when the position scheme has a far attention (Self-Extend, STRING).
     pub far: Option<FarScratch>,
 }
@@ -254,10 +276,13 @@ impl Buffers {
     }
 
     /// x ← the tokens' embeddings.
-    fn embed(&mut self, w: &Weights, tokens: &[u32]) {
+    fn embed(&mut self, w: &Weights, c: &Config, tokens: &[u32]) {
         let e = w.token_embd.cols;
         for (&tok, x) in tokens.iter().zip(self.x.chunks_exact_mut(e)) {
             w.token_embd.dequantize_row(tok as usize, x);
+            if let Some(scale) = c.embed_scale {
+                x.iter_mut().for_each(|v| *v *= scale);
+            }
         }
     }
 
@@ -285,9 +310,16 @@ impl Buffers {
         add_bias(&mut self.q[..t * qd], lw.attn_q_bias.as_deref());
         add_bias(&mut self.k[..t * kvd], lw.attn_k_bias.as_deref());
         add_bias(&mut self.v[..t * kvd], lw.attn_v_bias.as_deref());
+        if let Some(w) = &lw.attn_q_norm {
+            rms_norm_in_place(&mut self.q[..t * qd], w, c.rms_eps);
+        }
+        if let Some(w) = &lw.attn_k_norm {
+            rms_norm_in_place(&mut self.k[..t * kvd], w, c.rms_eps);
+        }
     }
 
-    /// x += Wo·att for the first `t` tokens.
+    /// x += Wo·att (normed first where the model has a post-attention norm) for the first `t`
+    /// tokens.
     fn project_back(&mut self, c: &Config, lw: &LayerWeights, pool: &ThreadPool, t: usize) {
         let (e, qd) = (c.n_embd, c.n_head * c.head_dim);
         matmul(
@@ -297,10 +329,14 @@ impl Buffers {
             t,
             &mut [job(&lw.attn_output, &mut self.tmp[..t * e])],
         );
+        if let Some(w) = &lw.post_attention_norm {
+            rms_norm_in_place(&mut self.tmp[..t * e], w, c.rms_eps);
+        }
         add_into(&mut self.x[..t * e], &self.tmp[..t * e]);
     }
 
-    /// x += Wdown·(silu(Wgate·norm(x)) ⊙ Wup·norm(x)) for the first `t` tokens (SwiGLU).
+    /// x += Wdown·(silu(Wgate·norm(x)) ⊙ Wup·norm(x)) for the first `t` tokens (SwiGLU; GeGLU
+    /// with GELU for Gemma, whose output is normed before it is added).
     fn feed_forward(&mut self, c: &Config, lw: &LayerWeights, pool: &ThreadPool, t: usize) {
         let (e, ff) = (c.n_embd, c.n_ff);
         rms_norm(
@@ -317,7 +353,16 @@ impl Buffers {
             t,
             &mut [job(&lw.ffn_gate, gate), job(&lw.ffn_up, up)],
         );
-        silu_mul(pool, &mut self.gate[..t * ff], &self.up[..t * ff]);
+        let activation = match c.arch {
+            Architecture::Gemma3 => geglu,
+            Architecture::Llama | Architecture::Qwen2 => swiglu,
+        };
+        gate_mul(
+            pool,
+            activation,
+            &mut self.gate[..t * ff],
+            &self.up[..t * ff],
+        );
         matmul(
             pool,
             &mut self.acts,
@@ -325,6 +370,9 @@ impl Buffers {
             t,
             &mut [job(&lw.ffn_down, &mut self.tmp[..t * e])],
         );
+        if let Some(w) = &lw.post_ffw_norm {
+            rms_norm_in_place(&mut self.tmp[..t * e], w, c.rms_eps);
+        }
         add_into(&mut self.x[..t * e], &self.tmp[..t * e]);
     }
 
@@ -344,6 +392,11 @@ impl Buffers {
             t,
             &mut [job(&w.output, logits)],
         );
+        if let Some(cap) = c.final_softcap {
+            for l in &mut logits[..t * c.vocab] {
+                *l = (*l / cap).tanh() * cap;
+            }
+        }
     }
 
     /// Moves the tokens `rows` of the attention output and of the residual stream to the front
@@ -365,6 +418,7 @@ impl Scratch {
                 .map(|_| std::sync::Mutex::new(vec![0.0; ctx * block_rows(c, max_tokens)]))
                 .collect(),
             rotary: RotaryTable::default(),
+            local_rotary: RotaryTable::default(),
             far: None,
         }
     }
@@ -415,7 +469,7 @@ pub fn forward(
 ) {
     let t = chunk.tokens.len();
     debug_assert_eq!(seq.positions.len(), t);
-    b.embed(w, chunk.tokens);
+    b.embed(w, c, chunk.tokens);
     for (l, lw) in w.layers.iter().enumerate() {
         // attention: project, rotate, cache, attend, project back
         b.project_qkv(c, lw, pool, t);
@@ -432,7 +486,7 @@ pub fn forward(
             return;
         }
         b.project_back(c, lw, pool, t);
-        // feed-forward: SwiGLU
+        // feed-forward: SwiGLU (GeGLU)
         b.feed_forward(c, lw, pool, t);
     }
     // output head, over the rows kept in the last layer
@@ -452,7 +506,7 @@ pub fn forward_batch<S: Sequences + ?Sized>(
     logits: &mut [f32],
 ) {
     let n = tokens.len();
-    b.embed(w, tokens);
+    b.embed(w, c, tokens);
     for (l, lw) in w.layers.iter().enumerate() {
         // attention: project together, then rotate, cache and attend sequence by sequence
         b.project_qkv(c, lw, pool, n);
@@ -460,7 +514,7 @@ pub fn forward_batch<S: Sequences + ?Sized>(
             self_attention(c, pool, &mut seqs.sequence(i), l, b, i..i + 1);
         }
         b.project_back(c, lw, pool, n);
-        // feed-forward: SwiGLU
+        // feed-forward: SwiGLU (GeGLU)
         b.feed_forward(c, lw, pool, n);
     }
     b.head(w, c, pool, n, logits);
@@ -485,25 +539,39 @@ fn self_attention(
         &b.v[rows.start * kvd..rows.end * kvd],
     );
     let (cache, s) = (&mut *seq.cache, &mut *seq.scratch);
-    // Layers may hold different numbers of tokens (PyramidKV): the chunk fills the end of each.
+    // Layers may hold different numbers of tokens (PyramidKV, sliding windows): the chunk fills
+    // the end of each.
     let first_slot = cache.layer_len(layer) - t;
+    // Local layers rotate with their own table and never attend far: no distance they see
+    // reaches past their window.
+    let local = c.is_local(layer);
+    let (rotary, mut far) = if local {
+        (&s.local_rotary, None)
+    } else {
+        (&s.rotary, s.far.as_mut())
+    };
     for i in 0..t {
         let (q, k, v) = (
             &mut q[i * qd..(i + 1) * qd],
             &mut k[i * kvd..(i + 1) * kvd],
             &v[i * kvd..(i + 1) * kvd],
         );
-        if let Some(far) = &mut s.far {
+        if let Some(far) = &mut far {
             far.rotate_queries(q, i, c);
             if far.map.moves_keys() {
                 far.cache_grouped_keys(k, i, cache, layer, first_slot + i, c);
             }
         }
         for head in q.chunks_exact_mut(hd) {
-            s.rotary.rotate_query(head, i, c.rope_style);
+            rotary.rotate_query(head, i, c.rope_style);
         }
         for head in k.chunks_exact_mut(hd) {
-            s.rotary.rotate(head, i, c.rope_style);
+            rotary.rotate(head, i, c.rope_style);
+        }
+        // Gemma scales the rotated query itself and the softmax by 1 ([`kq_scale`]), as
+        // llama.cpp splits it.
+        if let Some(scale) = c.query_scale {
+            q.iter_mut().for_each(|x| *x *= scale);
         }
         for h in 0..c.n_kv_head {
             let r = h * hd..(h + 1) * hd;
@@ -515,7 +583,8 @@ fn self_attention(
         first_slot,
         positions: seq.positions,
         q,
-        far: s.far.as_ref().map(|far| (far.map, &far.q[..t * qd])),
+        far: far.map(|far| (far.map, &far.q[..t * qd])),
+        window: c.window(layer),
     };
     attention(
         c,
@@ -528,16 +597,31 @@ fn self_attention(
     );
 }
 
-/// ggml's RMSNorm: mean of squares accumulated in f64, then scaled and multiplied by the weight.
+/// ggml's RMSNorm of each `weight.len()` values of `x` (a token, or one head of it): mean of
+/// squares accumulated in f64, then scaled and multiplied by the weight.
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let e = weight.len();
     for (xr, or) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
-        let mean = xr.iter().map(|&v| (v * v) as f64).sum::<f64>() / e as f64;
-        let scale = 1.0 / (mean as f32 + eps).sqrt();
+        let scale = rms_scale(xr, eps);
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(weight) {
             *o = v * scale * g;
         }
     }
+}
+
+/// [`rms_norm`] in place.
+fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(weight.len()) {
+        let scale = rms_scale(row, eps);
+        for (v, &g) in row.iter_mut().zip(weight) {
+            *v = *v * scale * g;
+        }
+    }
+}
+
+fn rms_scale(x: &[f32], eps: f32) -> f32 {
+    let mean = x.iter().map(|&v| (v * v) as f64).sum::<f64>() / x.len() as f64;
+    1.0 / (mean as f32 + eps).sqrt()
 }
 
 fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
@@ -566,14 +650,14 @@ impl SyncPtr {
     }
 }
 
-/// gate ← silu(gate) ⊙ up, split across threads (a prefill chunk has millions of exps).
-fn silu_mul(pool: &ThreadPool, gate: &mut [f32], up: &[f32]) {
+/// gate ← act(gate) ⊙ up, split across threads (a prefill chunk has millions of exps).
+fn gate_mul(pool: &ThreadPool, activation: fn(&mut [f32], &[f32]), gate: &mut [f32], up: &[f32]) {
     let len = gate.len();
     let g = SyncPtr(gate.as_mut_ptr());
     pool.for_ranges(len, &|r| {
         // SAFETY: ranges from `for_ranges` are disjoint and inside `gate`.
         let gate = unsafe { std::slice::from_raw_parts_mut(g.get().add(r.start), r.len()) };
-        swiglu(gate, &up[r]);
+        activation(gate, &up[r]);
     });
 }
 
@@ -587,6 +671,20 @@ struct AttentionInput<'a> {
     q: &'a [f32], // [T, H·D]
     /// The far map and the far queries `[T, H·D]`, for Self-Extend and STRING.
     far: Option<(FarPositions, &'a [f32])>,
+    /// The layer's sliding window, if it is a local one.
+    window: Option<usize>,
+}
+
+impl AttentionInput<'_> {
+    /// The first of `visible` slots of `kv_head` that token `i` sees: past the keys its layer's
+    /// window has left behind (`p_q − p_k ≥ window`), as llama.cpp's mask hides them.
+    fn first_visible(&self, cache: &KvCache, kv_head: usize, i: usize, visible: usize) -> usize {
+        self.window.map_or(0, |window| {
+            let query = self.positions[i] as i64;
+            cache.positions(self.layer, kv_head)[..visible]
+                .partition_point(|&k| query - k as i64 >= window as i64)
+        })
+    }
 }
 
 /// Every (query head, token) of the chunk attends over the slots up to its own.
@@ -600,12 +698,13 @@ fn attention(
     observer: Option<&dyn AttentionObserver>,
 ) {
     // A KIVI cache is dequantized tile by tile; in blocks, once for all the query heads that
-    // share a KV head rather than once per query head.
-    if input.positions.len() >= 2 || cache.kivi().is_some() {
+    // share a KV head rather than once per query head. A sliding window starts past slot 0,
+    // which only blocks take.
+    if input.positions.len() >= 2 || cache.kivi().is_some() || input.window.is_some() {
         return attention_blocks(c, pool, cache, input, out, scores, observer);
     }
     let (hd, group) = (c.head_dim, c.n_head / c.n_kv_head);
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = kq_scale(c);
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let pairs = c.n_head * input.positions.len();
     let reduction = Reduction::for_chunk(input.positions.len());
@@ -654,6 +753,14 @@ fn attention(
     });
 }
 
+/// What the softmax multiplies q·k by: 1/√D, or 1 where the model scales its queries itself.
+fn kq_scale(c: &Config) -> f32 {
+    match c.query_scale {
+        Some(_) => 1.0,
+        None => 1.0 / (c.head_dim as f32).sqrt(),
+    }
+}
+
 /// A thread's score scratch; a panic elsewhere leaves nothing in it worth refusing.
 fn lock(scratch: &std::sync::Mutex<Vec<f32>>) -> std::sync::MutexGuard<'_, Vec<f32>> {
     scratch
@@ -695,7 +802,7 @@ fn attention_blocks(
     observer: Option<&dyn AttentionObserver>,
 ) {
     let (hd, group) = (c.head_dim, c.n_head / c.n_kv_head);
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = kq_scale(c);
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let t = input.positions.len();
     let units = t.div_ceil(BLOCK_TOKENS) * c.n_kv_head;
@@ -710,6 +817,7 @@ fn attention_blocks(
             rows.clear();
             for i in tokens.clone() {
                 let visible = input.first_slot + i + 1;
+                let from = input.first_visible(cache, kv_head, i, visible);
                 for h in kv_head * group..(kv_head + 1) * group {
                     let at = (i * c.n_head + h) * hd;
                     let far = input.far.map(|(map, far_q)| FarRow {
@@ -721,6 +829,7 @@ fn attention_blocks(
                     });
                     rows.push(QueryRow {
                         q: &input.q[at..at + hd],
+                        from,
                         visible,
                         far,
                         // SAFETY: each (token, head) pair owns its `hd` outputs and belongs to

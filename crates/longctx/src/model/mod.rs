@@ -2,11 +2,12 @@
 
 mod attention;
 mod config;
+mod geglu;
 mod llama;
 mod swiglu;
 
 pub use attention::{attend, FarQuery, Reduction, MAX_HEAD_DIM};
-pub use config::{Architecture, Config};
+pub use config::{Architecture, Config, SlidingWindow};
 pub use llama::{
     forward, forward_batch, Buffers, Chunk, FarScratch, LayerWeights, Scratch, Sequence, Sequences,
     Weights,
