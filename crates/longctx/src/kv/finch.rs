@@ -71,7 +71,7 @@ impl Finch {
     /// the question (the last slots, all of them voters) goes.
     fn drop_question(&mut self, cache: &mut KvCache) {
         let question = self.snap.observing.len();
-        for layer in 0..cache.n_layer {
+        for layer in cache.compressed_layers().collect::<Vec<_>>() {
             let context = cache.layer_len(layer).saturating_sub(question);
             let keep = self.snap.keep.min(context);
             let kept: Vec<Vec<usize>> = (0..cache.n_kv_head)

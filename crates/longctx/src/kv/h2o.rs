@@ -105,7 +105,7 @@ impl KvPolicy for H2o {
     }
 
     fn after_chunk(&mut self, cache: &mut KvCache, _: &AfterChunk) -> Option<i32> {
-        for layer in 0..cache.n_layer {
+        for layer in cache.compressed_layers().collect::<Vec<_>>() {
             let len = cache.layer_len(layer);
             if len <= self.keep {
                 continue;

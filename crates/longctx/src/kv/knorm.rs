@@ -61,7 +61,7 @@ impl KvPolicy for Knorm {
         if step.phase == Phase::Decode {
             return None;
         }
-        for layer in 0..cache.n_layer {
+        for layer in cache.compressed_layers().collect::<Vec<_>>() {
             if cache.layer_len(layer) > self.keep {
                 let keep: Vec<Vec<usize>> = (0..cache.n_kv_head)
                     .map(|head| top_k(&Self::scores(cache, layer, head), self.keep))

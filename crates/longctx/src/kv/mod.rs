@@ -225,6 +225,11 @@ impl KvData {
 /// layer's; but each head may hold different tokens (SnapKV selects per KV head), and each layer
 /// a different number of them (PyramidKV), so positions are kept per layer and head.
 ///
+/// A sliding-window model's local layers ([`KvCache::with_windows`]) hold only their window: as
+/// a chunk arrives, slots no query can see any more are dropped from the front, so those layers
+/// cost memory for `window + chunk` tokens whatever the context. KV policies compress the
+/// other (global) layers: [`KvCache::compressed_layers`].
+///
 /// With KIVI ([`KvCache::use_kivi`]) the first [`KvCache::quantized`] slots of a head live in a
 /// quantized store and slot s ≥ that count in row s − count of `k` and `v`, so the full-precision
 /// tensors only ever touch their first rows; [`KvCache::read_key`] and
@@ -235,6 +240,11 @@ pub struct KvCache {
     pub n_kv_head: usize,
     pub head_dim: usize,
     capacity: usize,
+    layout: Layout,
+    /// The sliding window of each local layer.
+    windows: Vec<Option<usize>>,
+    /// The RoPE frequencies local layers' keys are rotated with, for re-positioning them.
+    local_frequencies: Vec<f64>,
     /// Slots in use, per layer.
     lens: Vec<usize>,
     pub k: KvData,
@@ -268,19 +278,49 @@ impl KvCache {
         head_dim: usize,
         capacity: usize,
     ) -> Self {
-        let n = n_layer * n_kv_head * capacity * head_dim;
+        Self::with_windows(
+            dtype,
+            n_kv_head,
+            head_dim,
+            capacity,
+            &vec![None; n_layer],
+            0,
+        )
+    }
+
+    /// A cache whose layers with a window (`windows[l]`) hold only the slots it can see, for
+    /// chunks of up to `chunk` tokens.
+    pub fn with_windows(
+        dtype: KvDtype,
+        n_kv_head: usize,
+        head_dim: usize,
+        capacity: usize,
+        windows: &[Option<usize>],
+        chunk: usize,
+    ) -> Self {
+        let n_layer = windows.len();
+        let capacities: Vec<usize> = windows
+            .iter()
+            .map(|w| w.map_or(capacity, |w| window_slots(w, chunk).min(capacity)))
+            .collect();
+        let positions = (0..n_layer * n_kv_head)
+            .map(|i| Vec::with_capacity(capacities[i / n_kv_head]))
+            .collect();
+        let layout = Layout::new(capacities, n_kv_head, head_dim);
+        let n = layout.values();
         Self {
             dtype,
             n_layer,
             n_kv_head,
             head_dim,
             capacity,
+            layout,
+            windows: windows.to_vec(),
+            local_frequencies: Vec::new(),
             lens: vec![0; n_layer],
             k: KvData::zeros(dtype, n),
             v: KvData::zeros(dtype, n),
-            positions: (0..n_layer * n_kv_head)
-                .map(|_| Vec::with_capacity(capacity))
-                .collect(),
+            positions,
             grouped: None,
             kivi: None,
             quantized: vec![0; n_layer * n_kv_head],
@@ -337,7 +377,7 @@ impl KvCache {
                 if target <= done {
                     continue;
                 }
-                let row = |slot: usize| offset(self.n_kv_head, self.capacity, d, layer, head, slot);
+                let row = |slot: usize| self.layout.offset(layer, head, slot);
                 for group in (done..target).step_by(g) {
                     for (t, r) in rows.chunks_exact_mut(d).enumerate() {
                         self.k.read(row(group - done + t), r);
@@ -381,7 +421,7 @@ impl KvCache {
     pub fn keep_grouped_keys(&mut self, group: i32) {
         assert!(group >= 1, "a group of at least 1 position");
         assert!(self.kivi.is_none(), "KIVI does not quantize grouped keys");
-        let n = self.n_layer * self.n_kv_head * self.capacity * self.head_dim;
+        let n = self.layout.values();
         self.grouped = Some(GroupedKeys {
             group,
             k: KvData::zeros(self.dtype, n),
@@ -438,29 +478,72 @@ impl KvCache {
         data.read(self.offset(layer, head, slot - quantized), out);
     }
 
-    /// What [`KvCache::new`] with these arguments will reserve, with grouped keys or without.
+    /// What [`KvCache::with_windows`] with these arguments will reserve, with grouped keys or
+    /// without.
     pub fn bytes_for(
         dtype: KvDtype,
-        n_layer: usize,
         n_kv_head: usize,
         head_dim: usize,
         capacity: usize,
+        windows: &[Option<usize>],
+        chunk: usize,
         grouped_keys: bool,
     ) -> usize {
         let tensors = if grouped_keys { 3 } else { 2 };
-        tensors * n_layer * n_kv_head * capacity * head_dim * dtype.bytes()
+        let slots: usize = windows
+            .iter()
+            .map(|w| w.map_or(capacity, |w| window_slots(w, chunk).min(capacity)))
+            .sum();
+        tensors * slots * n_kv_head * head_dim * dtype.bytes()
+    }
+
+    /// Sets the frequencies the local layers' keys are rotated with ([`KvCache::reposition`]
+    /// turns them by these).
+    pub fn set_local_frequencies(&mut self, freqs: Vec<f64>) {
+        self.local_frequencies = freqs;
+    }
+
+    /// Whether `layer` is local: it holds a sliding window, which no KV policy compresses.
+    pub fn is_local(&self, layer: usize) -> bool {
+        self.windows[layer].is_some()
+    }
+
+    /// The layers a KV policy compresses: all but the local ones, which their window already
+    /// bounds.
+    pub fn compressed_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.n_layer).filter(|&l| !self.is_local(l))
+    }
+
+    /// Bytes held by the slots in use in local layers, and in the others.
+    pub fn bytes_in_use_by_kind(&self) -> (usize, usize) {
+        let mut local = 0;
+        let mut global = 0;
+        for layer in 0..self.n_layer {
+            let bytes = self.layer_bytes_in_use(layer);
+            if self.is_local(layer) {
+                local += bytes;
+            } else {
+                global += bytes;
+            }
+        }
+        (local, global)
     }
 
     /// Bytes held by the slots in use (keys, grouped keys if kept, and values; all layers): with
     /// KIVI, the quantized slots' codes, mins and scales plus the full-precision rows.
     pub fn bytes_in_use(&self) -> usize {
+        (0..self.n_layer).map(|l| self.layer_bytes_in_use(l)).sum()
+    }
+
+    fn layer_bytes_in_use(&self, layer: usize) -> usize {
         let tensors = if self.grouped.is_some() { 3 } else { 2 };
-        let slots: usize = self.lens.iter().sum::<usize>() * self.n_kv_head;
-        let quantized: usize = self.quantized.iter().sum();
+        let heads = layer * self.n_kv_head..(layer + 1) * self.n_kv_head;
+        let slots = self.lens[layer] * self.n_kv_head;
+        let quantized: usize = self.quantized[heads.clone()].iter().sum();
         let full = tensors * (slots - quantized) * self.head_dim * self.dtype.bytes();
         let packed = self.kivi().map_or(0, |kivi| {
             let bytes = |&q: &usize| kivi.quantized_bytes(self.head_dim, q);
-            self.quantized.iter().map(bytes).sum()
+            self.quantized[heads].iter().map(bytes).sum()
         });
         full + packed
     }
@@ -468,28 +551,14 @@ impl KvCache {
     /// Bytes reserved for the whole capacity (the OS commits them as they are first written).
     pub fn bytes_reserved(&self) -> usize {
         let store = self.kivi.as_ref().map_or(0, |q| q.bytes_reserved());
-        store
-            + Self::bytes_for(
-                self.dtype,
-                self.n_layer,
-                self.n_kv_head,
-                self.head_dim,
-                self.capacity,
-                self.grouped.is_some(),
-            )
+        let tensors = if self.grouped.is_some() { 3 } else { 2 };
+        store + tensors * self.layout.values() * self.dtype.bytes()
     }
 
     /// Start of row `slot` of `(layer, head)` in `k` / `v`: the slot itself without KIVI, the
     /// slot minus [`KvCache::quantized`] with it.
     pub fn offset(&self, layer: usize, head: usize, slot: usize) -> usize {
-        offset(
-            self.n_kv_head,
-            self.capacity,
-            self.head_dim,
-            layer,
-            head,
-            slot,
-        )
+        self.layout.offset(layer, head, slot)
     }
 
     /// Reserves slots at the end of every layer for tokens at `positions`; layer l then fills
@@ -503,6 +572,13 @@ impl KvCache {
                 reserve: 0,
                 ctx: self.capacity,
             });
+        }
+        if let Some(&first) = positions.first() {
+            for layer in 0..self.n_layer {
+                if let Some(window) = self.windows[layer] {
+                    self.slide(layer, window, first, positions.len())?;
+                }
+            }
         }
         for list in &mut self.positions {
             list.extend_from_slice(positions);
@@ -530,10 +606,43 @@ impl KvCache {
             .write(at, key);
     }
 
-    /// Keeps only the slots listed (ascending) in every layer and head, compacting them to the
-    /// front: evicted tokens give their memory back to the next tokens.
+    /// Makes room in local `layer` for `incoming` tokens from position `first` on, when it is
+    /// full: drops from its front the slots that no query from `first` on sees (a key `window`
+    /// or more positions behind), in whole multiples of [`DROP_ALIGN`].
+    fn slide(&mut self, layer: usize, window: usize, first: i32, incoming: usize) -> Result<()> {
+        let (len, capacity) = (self.lens[layer], self.layout.capacities[layer]);
+        if len + incoming <= capacity {
+            return Ok(());
+        }
+        let dead = (0..self.n_kv_head)
+            .map(|h| {
+                self.positions(layer, h)
+                    .partition_point(|&p| first as i64 - p as i64 >= window as i64)
+            })
+            .min()
+            .unwrap_or(0);
+        let drop = dead / DROP_ALIGN * DROP_ALIGN;
+        if len - drop + incoming > capacity {
+            return Err(Error::InvalidOption(format!(
+                "layer {layer} attends a window of {window} positions and holds {capacity} slots, \
+                 but {} of its {len} cached tokens are still in the window of position {first}; \
+                 positions must grow by one per token on a sliding-window model",
+                len - dead
+            )));
+        }
+        let keep: Vec<usize> = (drop..len).collect();
+        self.retain_layer(layer, &vec![keep; self.n_kv_head]);
+        Ok(())
+    }
+
+    /// Keeps only the slots listed (ascending) in every compressed layer
+    /// ([`KvCache::compressed_layers`]) and head, compacting them to the front: evicted tokens
+    /// give their memory back to the next tokens.
     pub fn retain(&mut self, keep: &[usize]) {
         for layer in 0..self.n_layer {
+            if self.is_local(layer) {
+                continue;
+            }
             for head in 0..self.n_kv_head {
                 self.retain_head(layer, head, keep);
             }
@@ -594,7 +703,8 @@ impl KvCache {
         let g = store.kivi.group;
         let kept_quantized = keep.partition_point(|&s| s < quantized);
         let still = kept_quantized / g * g;
-        let row = |slot: usize| offset(self.n_kv_head, self.capacity, d, layer, head, slot);
+        let layout = &self.layout;
+        let row = |slot: usize| layout.offset(layer, head, slot);
         // The kept full-precision rows, read before the leftovers take their place.
         let full = &keep[kept_quantized..];
         let mut saved = vec![0f32; 2 * full.len() * d];
@@ -631,19 +741,38 @@ impl KvCache {
     /// original key at the new position, and no scheme's cos/sin factor is applied a second
     /// time: the delta rotation uses factor 1. Grouped keys move by the change of their grouped
     /// position, ⌊new/G⌋ − ⌊old/G⌋.
+    ///
+    /// Local layers keep their tokens' distances, which is all their window sees: they move by
+    /// the shift of the newest token of the first compressed layer, and turn with their own
+    /// frequencies ([`KvCache::set_local_frequencies`]).
     pub fn reposition(&mut self, remap: &dyn Fn(&mut [i32]), freqs: &[f64], style: RopeStyle) {
         let group = self.grouped.as_ref().map(|g| g.group);
         let mut table = RotaryTable::default();
         let (mut new, mut deltas) = (Vec::new(), Vec::new());
+        let newest_shift = self.compressed_layers().next().and_then(|layer| {
+            let old = self.positions(layer, 0).to_vec();
+            new.clone_from(&old);
+            remap(&mut new);
+            Some(new.last()? - old.last()?)
+        });
         for layer in 0..self.n_layer {
+            let local = self.is_local(layer);
+            let layer_freqs = if local {
+                std::mem::take(&mut self.local_frequencies)
+            } else {
+                freqs.to_vec()
+            };
             for head in 0..self.n_kv_head {
                 let old = &self.positions[layer * self.n_kv_head + head];
                 new.clone_from(old);
-                remap(&mut new);
+                match newest_shift {
+                    Some(shift) if local => new.iter_mut().for_each(|p| *p += shift),
+                    _ => remap(&mut new),
+                }
                 deltas.clear();
                 deltas.extend(new.iter().zip(old).map(|(n, o)| n - o));
-                self.shift_keys(layer, head, false, &deltas, &mut table, freqs, style);
-                if let Some(group) = group {
+                self.shift_keys(layer, head, false, &deltas, &mut table, &layer_freqs, style);
+                if let Some(group) = group.filter(|_| !local) {
                     let old = &self.positions[layer * self.n_kv_head + head];
                     deltas.clear();
                     deltas.extend(
@@ -654,6 +783,9 @@ impl KvCache {
                     self.shift_keys(layer, head, true, &deltas, &mut table, freqs, style);
                 }
                 self.positions[layer * self.n_kv_head + head].copy_from_slice(&new);
+            }
+            if local {
+                self.local_frequencies = layer_freqs;
             }
         }
     }
@@ -701,6 +833,10 @@ impl KvCache {
         let deltas: Vec<f64> = new.iter().zip(old).map(|(n, o)| n - o).collect();
         let mut table = RotaryTable::default();
         for layer in 0..self.n_layer {
+            // Schemes change the global layers' frequencies only.
+            if self.is_local(layer) {
+                continue;
+            }
             let all: Vec<usize> = (0..self.lens[layer]).collect();
             for head in 0..self.n_kv_head {
                 let positions = &self.positions[layer * self.n_kv_head + head];
@@ -727,7 +863,7 @@ impl KvCache {
         table: &RotaryTable,
         style: RopeStyle,
     ) {
-        let (d, n_kv_head, capacity) = (self.head_dim, self.n_kv_head, self.capacity);
+        let (d, n_kv_head, layout) = (self.head_dim, self.n_kv_head, &self.layout);
         let quantized = self.quantized[layer * n_kv_head + head];
         let (in_store, slots) = slots.split_at(slots.partition_point(|&s| s < quantized));
         if !in_store.is_empty() {
@@ -745,7 +881,7 @@ impl KvCache {
         };
         let mut key = vec![0f32; d];
         for &slot in slots {
-            let at = offset(n_kv_head, capacity, d, layer, head, slot - quantized);
+            let at = layout.offset(layer, head, slot - quantized);
             match keys {
                 KvData::F16(k) => {
                     for (o, v) in key.iter_mut().zip(&k[at..at + d]) {
@@ -761,18 +897,37 @@ impl KvCache {
         }
     }
 
-    /// Keeps the first `len` slots of every layer and head: a prefix of the tokens, where no
-    /// policy has thinned or quantized the cache.
+    /// Whether the first `len` tokens can be cut back to ([`KvCache::truncate`]): the local
+    /// layers must still hold the window of the token that comes next, which they may have
+    /// dropped since.
+    pub fn holds_window_for(&self, len: usize) -> bool {
+        (0..self.n_layer).all(|layer| match self.windows[layer] {
+            None => true,
+            Some(window) => {
+                let first_needed = (len as i64 - window as i64 + 1).max(0);
+                (0..self.n_kv_head).all(|h| {
+                    self.positions(layer, h)
+                        .first()
+                        .is_none_or(|&p| p as i64 <= first_needed)
+                })
+            }
+        })
+    }
+
+    /// Keeps the tokens at positions below `len` in every layer and head: a prefix of the
+    /// tokens, where no policy has thinned or quantized the cache (local layers: what of it
+    /// they still hold, [`KvCache::holds_window_for`]).
     pub fn truncate(&mut self, len: usize) {
         assert!(
             self.kivi.is_none(),
             "a KIVI cache does not hold its tokens in slot order"
         );
-        for l in &mut self.lens {
-            *l = (*l).min(len);
-        }
-        for list in &mut self.positions {
-            list.truncate(len);
+        for layer in 0..self.n_layer {
+            for head in 0..self.n_kv_head {
+                let list = &mut self.positions[layer * self.n_kv_head + head];
+                list.truncate(list.partition_point(|&p| (p as i64) < len as i64));
+                self.lens[layer] = list.len();
+            }
         }
     }
 
@@ -786,21 +941,97 @@ impl KvCache {
     }
 }
 
-/// Start of `(layer, head, slot)` in a tensor laid out `[layer][kv_head][slot][head_dim]`.
-fn offset(
+/// Where a cache's tensors keep each slot: laid out `[layer][kv_head][slot][head_dim]`, each
+/// layer with its own number of slots per head.
+struct Layout {
     n_kv_head: usize,
-    capacity: usize,
     head_dim: usize,
-    layer: usize,
-    head: usize,
-    slot: usize,
-) -> usize {
-    ((layer * n_kv_head + head) * capacity + slot) * head_dim
+    capacities: Vec<usize>,
+    /// Where each layer starts, in values.
+    bases: Vec<usize>,
 }
+
+impl Layout {
+    fn new(capacities: Vec<usize>, n_kv_head: usize, head_dim: usize) -> Self {
+        let bases = capacities
+            .iter()
+            .scan(0, |at, cap| {
+                let base = *at;
+                *at += n_kv_head * cap * head_dim;
+                Some(base)
+            })
+            .collect();
+        Self {
+            n_kv_head,
+            head_dim,
+            capacities,
+            bases,
+        }
+    }
+
+    /// Values in one tensor.
+    fn values(&self) -> usize {
+        self.capacities.iter().sum::<usize>() * self.n_kv_head * self.head_dim
+    }
+
+    /// Start of `(layer, head, slot)`.
+    fn offset(&self, layer: usize, head: usize, slot: usize) -> usize {
+        self.bases[layer] + (head * self.capacities[layer] + slot) * self.head_dim
+    }
+}
+
+/// Slots a local layer with `window` needs for chunks of up to `chunk` tokens: the window's
+/// keys still visible to the chunk's first query, the chunk, and up to [`DROP_ALIGN`] − 1 dead
+/// slots left behind because drops come in whole multiples of it.
+fn window_slots(window: usize, chunk: usize) -> usize {
+    window + chunk + DROP_ALIGN
+}
+
+/// Local layers drop slots in multiples of this: slot s keeps its place modulo 64, so the lanes
+/// and blocks that attention sums slots in (16 or 64 wide, counted from slot 0) keep the same
+/// slots together, and the bits are those of a cache that keeps every slot.
+const DROP_ALIGN: usize = 64;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A local layer holds its window and the chunk, dropping dead slots 64 at a time; the
+    /// global layer beside it holds everything, and only it is compressed.
+    #[test]
+    fn local_layers_hold_only_their_window() {
+        let (window, chunk) = (8, 4);
+        let windows = [Some(window), None];
+        let mut c = KvCache::with_windows(KvDtype::F32, 1, 4, 1000, &windows, chunk);
+        assert_eq!(
+            c.bytes_reserved(),
+            KvCache::bytes_for(KvDtype::F32, 1, 4, 1000, &windows, chunk, false)
+        );
+        assert_eq!(c.compressed_layers().collect::<Vec<_>>(), vec![1]);
+        for start in (0..300).step_by(chunk) {
+            let positions: Vec<i32> = (start..start + chunk as i32).collect();
+            c.push_slots(&positions).unwrap();
+            let local = c.positions(0, 0);
+            assert!(local.len() <= window + chunk + DROP_ALIGN);
+            assert_eq!(
+                local[0] % DROP_ALIGN as i32,
+                0,
+                "drops are whole multiples of 64"
+            );
+            assert!(
+                local[0] <= (start - window as i32 + 1).max(0),
+                "the window is kept"
+            );
+            assert_eq!(*local.last().unwrap(), start + chunk as i32 - 1);
+        }
+        assert_eq!(c.layer_len(1), 300);
+        let (local, global) = c.bytes_in_use_by_kind();
+        assert_eq!(global, 2 * 300 * 4 * 4);
+        assert_eq!(local, 2 * c.layer_len(0) * 4 * 4);
+        assert!(c.holds_window_for(299) && !c.holds_window_for(100));
+        c.retain(&[0, 1, 2]);
+        assert_eq!((c.layer_len(1), c.positions(0, 0).last()), (3, Some(&299)));
+    }
 
     #[test]
     fn retain_compacts_every_head_and_keeps_positions() {

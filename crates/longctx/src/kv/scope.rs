@@ -125,7 +125,7 @@ impl KvPolicy for Scope {
         }
         self.decoded += 1;
         self.observing.take()?;
-        for layer in 0..cache.n_layer {
+        for layer in cache.compressed_layers().collect::<Vec<_>>() {
             let len = cache.layer_len(layer);
             let pool = self.decoded.min(len);
             if pool <= self.pool {

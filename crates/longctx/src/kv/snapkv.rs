@@ -96,7 +96,7 @@ impl SnapKv {
     /// then forgets the votes.
     pub(super) fn compress(&mut self, cache: &mut KvCache, budget: &dyn Fn(usize) -> usize) {
         let window = self.observing.len();
-        for layer in 0..cache.n_layer {
+        for layer in cache.compressed_layers().collect::<Vec<_>>() {
             let (len, keep) = (cache.layer_len(layer), budget(layer));
             if len <= keep {
                 continue;

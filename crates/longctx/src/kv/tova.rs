@@ -67,7 +67,7 @@ impl KvPolicy for Tova {
 
     fn after_chunk(&mut self, cache: &mut KvCache, _: &AfterChunk) -> Option<i32> {
         self.observing.take()?;
-        for layer in 0..cache.n_layer {
+        for layer in cache.compressed_layers().collect::<Vec<_>>() {
             let len = cache.layer_len(layer);
             if len > self.keep {
                 let kept = top_k(&self.scores.get(layer, 0, len), self.keep);

@@ -183,7 +183,9 @@ impl KvPolicy for WindowKv {
                 .map(|h| self.select(&self.votes.get(first, h, len), len, window, self.keep))
                 .collect();
             for layer in first..(first + self.group).min(cache.n_layer) {
-                cache.retain_layer(layer, &keep);
+                if !cache.is_local(layer) {
+                    cache.retain_layer(layer, &keep);
+                }
             }
         }
         self.votes.clear();
