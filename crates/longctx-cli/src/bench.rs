@@ -75,6 +75,7 @@ pub fn main(args: Args) -> Result<()> {
         decode_tok_s: median(&mut decode_rates),
         peak_rss_bytes: peak_rss_bytes(),
         kv_bytes: session.kv_bytes(),
+        kv_bytes_local_layers: session.kv_bytes_by_kind().0,
         kv_tokens: session.n_past(),
         kv: session.policy_spec(),
         threads: session.options().threads,
@@ -97,6 +98,8 @@ struct Report {
     peak_rss_bytes: u64,
     /// KV cache in use at the end, and the tokens it holds.
     kv_bytes: usize,
+    /// Of `kv_bytes`, what sliding-window (local) layers hold.
+    kv_bytes_local_layers: usize,
     kv_tokens: usize,
     kv: String,
     threads: usize,
@@ -130,9 +133,10 @@ impl Report {
         }
         lines.push(String::new());
         lines.push(format!(
-            "threads {}, kv cache {:.1} MiB ({} tokens, --kv {}), peak RSS {:.1} MiB",
+            "threads {}, kv cache {:.1} MiB (local layers {:.1} MiB; {} tokens, --kv {}), peak RSS {:.1} MiB",
             self.threads,
             self.kv_bytes as f64 / (1024.0 * 1024.0),
+            self.kv_bytes_local_layers as f64 / (1024.0 * 1024.0),
             self.kv_tokens,
             self.kv,
             self.peak_rss_bytes as f64 / (1024.0 * 1024.0)

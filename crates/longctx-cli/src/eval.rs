@@ -166,7 +166,13 @@ fn evaluate(args: Args) -> Result<()> {
                 token_text(tok.eos()),
             )?)
         }
-        _ => None,
+        (None, false) => {
+            eprintln!(
+                "note: the model has no chat template (a base model): prompts are plain text ending in the answer prefix, as RULER prompts base models"
+            );
+            None
+        }
+        (_, true) => None,
     };
     let text = if task.needs_text() {
         Some(Arc::new(load_text(&args.text)?))

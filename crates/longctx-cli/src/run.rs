@@ -115,7 +115,10 @@ pub fn main(args: Args) -> Result<()> {
 
 fn render_chat(model: &Model, text: String) -> Result<String> {
     let Some(source) = &model.chat_template else {
-        bail!("the model has no chat template (tokenizer.chat_template); run without --chat");
+        eprintln!(
+            "note: the model has no chat template (a base model, not instruction-tuned): --chat is ignored and the prompt runs as plain text"
+        );
+        return Ok(text);
     };
     let tok = &model.tokenizer;
     let token_text = |id: Option<u32>| id.and_then(|id| tok.token_text(id)).unwrap_or("");
@@ -175,6 +178,14 @@ fn print_stats(stats: &GenerationStats, seed: u64, session: &Session) {
         crate::common::peak_rss_bytes() as f64 / (1024.0 * 1024.0),
         session.options().threads,
     );
+    if session.model.config.sliding.is_some() {
+        let (local, global) = session.kv_bytes_by_kind();
+        eprintln!(
+            "           of which local (sliding-window) layers {:.1} MiB, global layers {:.1} MiB",
+            local as f64 / (1024.0 * 1024.0),
+            global as f64 / (1024.0 * 1024.0)
+        );
+    }
 }
 
 fn fresh_seed() -> u64 {

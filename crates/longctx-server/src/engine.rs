@@ -423,7 +423,14 @@ impl Engine {
     fn publish_gauges(&self) {
         let running: usize = self.running.iter().map(|s| s.session.kv_bytes()).sum();
         let idle = self.prefix_cache.bytes();
+        let local: usize = self
+            .running
+            .iter()
+            .map(|s| s.session.kv_bytes_by_kind().0)
+            .sum::<usize>()
+            + self.prefix_cache.local_layer_bytes();
         self.metrics.kv_bytes_in_use.set((running + idle) as i64);
+        self.metrics.kv_bytes_local_layers.set(local as i64);
         self.metrics.prefix_cache_bytes.set(idle as i64);
         self.metrics
             .requests_processing

@@ -54,8 +54,14 @@ pub fn run(config: ServerConfig, addr: SocketAddr) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {addr}; is the port in use?"))?;
         let local = listener.local_addr()?;
+        let base_model = config.model.chat_template.is_none();
         let app = build(config);
         eprintln!("longctx: serving on http://{local} (OpenAI API under /v1)");
+        if base_model {
+            eprintln!(
+                "longctx: the model has no chat template (a base model): /v1/completions works, /v1/chat/completions answers 400"
+            );
+        }
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;

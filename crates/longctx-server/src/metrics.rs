@@ -23,6 +23,7 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub requests_processing: Gauge,
     pub kv_bytes_in_use: Gauge,
+    pub kv_bytes_local_layers: Gauge,
     pub prefix_cache_bytes: Gauge,
     pub decode_batch_size: Gauge,
 }
@@ -79,6 +80,11 @@ impl Metrics {
             "kv_bytes_in_use",
             "Bytes of KV cache held by running requests and the prefix cache",
             m.kv_bytes_in_use,
+        );
+        registry.register(
+            "kv_bytes_local_layers",
+            "Of kv_bytes_in_use, the bytes held by sliding-window (local) layers",
+            m.kv_bytes_local_layers,
         );
         registry.register(
             "prefix_cache_bytes",

@@ -108,4 +108,12 @@ impl PrefixCache {
     pub fn bytes(&self) -> usize {
         self.idle.iter().map(|i| i.session.kv_bytes()).sum()
     }
+
+    /// Of [`PrefixCache::bytes`], what sliding-window (local) layers hold.
+    pub fn local_layer_bytes(&self) -> usize {
+        self.idle
+            .iter()
+            .map(|i| i.session.kv_bytes_by_kind().0)
+            .sum()
+    }
 }
