@@ -71,7 +71,18 @@ pub enum KPath {
     /// every 32-value chunk, one `fma(d, lane, acc)` per super-block, then `hsum_float_8`.
     VecDot,
     /// The tiled K-quant matmul (`ggml_compute_forward_mul_mat_tiled`, VNNI micro-kernel):
-    /// per super-block `r = fnmadd(dmin, Σmin, d·Σ)`, then `acc + r·d_x` (two roundings).
+    /// per super-block `r = fnmadd(dmin, Σmin, d·Σ)` (Q6_K: `r = d·Σ`), then
+    /// `acc = fma(r, d_x, acc)`, one rounding. The source writes that last step as a separate
+    /// multiply and add (`_mm512_add_ps(buf, _mm512_mul_ps(r, d_x))`), but GCC's default
+    /// `-ffp-contract=fast` fuses them: the `libggml-cpu.so` of llama-cpp-python 0.3.36 runs
+    /// `vfmadd213ps` there for every K-quant, and its AVX2 kernel calls `_mm256_fmadd_ps`
+    /// outright. With two roundings most Q6_K products of 2048 columns were an ulp off.
+    ///
+    /// For few activation rows (≤ 16 in a thread's window) llama.cpp reads K in chunks of
+    /// several super-blocks (`ggml_tiled_narrow_k_extent`: 31 KiB over 16 + rows bytes per
+    /// value, a multiple of 256 dividing the row), but every chunk still adds its super-blocks
+    /// into the one output accumulator one by one, in K order, as the wide path does: the
+    /// chunking and the thread split change no rounding, so one order serves every batch.
     Tiled,
     /// Repacked Q4_K, single rows: `ggml_gemv_q4_K_8x8_q8_K`, one `fma` per super-block into
     /// the product and the min accumulators, subtracted at the end.
@@ -282,7 +293,8 @@ fn dot_path(wtype: WeightType, w: &[u8], a: &[u8], cols: usize, path: KPath) -> 
                 if blk.offset == 0 {
                     r = (-blk.dmin).mul_add(imin as f32, r);
                 }
-                acc[0] += r * dy;
+                // `buf + r·d_x`, contracted to one fma by the compiler (see `KPath::Tiled`).
+                acc[0] = r.mul_add(dy, acc[0]);
             }
             KPath::Gemv => {
                 acc[0] = (total(&blk, &s, ab) as f32).mul_add(blk.d * dy, acc[0]);
@@ -495,6 +507,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The tiled path adds each super-block with one fma, as llama.cpp's compiled kernel does.
+    /// Q6_K row of two super-blocks whose only live product is value 0 (code 33, scale 1, so
+    /// the integer sum is the activation): block 0 gives exactly 1; block 1 gives 3·d_x with
+    /// d_x = f32(4/3)·2⁻²⁶, so 3·d_x = 2⁻²⁴·(1 + 2⁻²⁵). Rounded on its own that is 2⁻²⁴, and
+    /// 1 + 2⁻²⁴ ties to even, 1; fused, the sum is above the tie and rounds up to 1 + 2⁻²³.
+    #[test]
+    fn tiled_adds_each_super_block_with_one_fma() {
+        let mut w = vec![0u8; 2 * 210];
+        let mut a = vec![0u8; 2 * Q8K_BYTES];
+        let dx = [1.0f32, (4.0f32 / 3.0) * 2f32.powi(-26)];
+        for (i, x) in [1i8, 3].into_iter().enumerate() {
+            let b = &mut w[210 * i..210 * (i + 1)];
+            b[0] = 1; // low four bits of code 0
+            b[128] = 2; // its high two bits: 33
+            b[192] = 1; // scale of values 0..16
+            b[208..210].copy_from_slice(&half::f16::ONE.to_le_bytes());
+            let ab = &mut a[Q8K_BYTES * i..Q8K_BYTES * (i + 1)];
+            ab[..4].copy_from_slice(&dx[i].to_le_bytes());
+            ab[4] = x as u8;
+            ab[260..262].copy_from_slice(&(x as i16).to_le_bytes());
+        }
+        let want = 1.0 + f32::EPSILON;
+        assert_eq!(dot_path(WeightType::Q6K, &w, &a, 512, KPath::Tiled), want);
+        assert_eq!(dot(WeightType::Q6K, &w, &a, 512, KPath::Tiled), want);
     }
 
     #[test]

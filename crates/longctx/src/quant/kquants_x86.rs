@@ -221,7 +221,8 @@ unsafe fn block(wtype: WeightType, path: KPath, w: &Block, ab: *const u8, acc: &
                 r = hsum_i32(all) as f32 * w.d;
                 r = (-w.dmin).mul_add(hsum_i32(mins) as f32, r);
             }
-            acc.acc += r * dy;
+            // One rounding, as llama.cpp's compiled kernel (see `KPath::Tiled`).
+            acc.acc = r.mul_add(dy, acc.acc);
         }
         KPath::Gemv => {
             let s01 = _mm256_add_epi32(p[0], p[1]);
