@@ -282,3 +282,59 @@ fn repositioned_keys_equal_keys_rotated_at_their_new_positions() {
         }
     }
 }
+
+/// On a sliding-window model (tiny Gemma 3: five local layers with a window of 8, one global),
+/// every policy compresses the global layer only and the local layers hold their window and a
+/// chunk, whatever the policy or the scheme; a local layer's cache never grows with the input.
+#[test]
+fn policies_compress_global_layers_and_local_layers_hold_their_window() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models/gemma3-q5_0.gguf");
+    let model = Model::load(&path).unwrap();
+    let window = model.config.sliding.as_ref().expect("sliding").window;
+    let ids = tokens(200, model.config.vocab);
+    let (budget, chunk) = (24, 8);
+    for entry in POLICIES {
+        let spec = match entry.name {
+            "full" => "full".to_string(),
+            "kivi" => "kivi:group=32,residual=32".to_string(),
+            "streaming" => format!("streaming:sinks=4,window={}", budget - 4),
+            "scope" => format!("scope:budget={budget},decode={budget}"),
+            name => format!("{name}:budget={budget}"),
+        };
+        for rope in ["none", "yarn:factor=2", "dynamic:factor=2"] {
+            // A policy and a scheme that both move cached tokens are refused together.
+            let Ok(mut s) = session(&model, &spec, rope, chunk) else {
+                assert_eq!(rope, "dynamic:factor=2", "{spec}");
+                continue;
+            };
+            let logits = s.prefill(&ids[..180]).unwrap();
+            assert!(logits.iter().all(|x| x.is_finite()), "{spec} {rope}");
+            for &id in &ids[180..] {
+                assert!(s.decode(id).unwrap().iter().all(|x| x.is_finite()));
+            }
+            let cache = s.cache();
+            for layer in 0..cache.n_layer {
+                let len = cache.layer_len(layer);
+                if cache.is_local(layer) {
+                    assert!(
+                        len <= window + chunk + 64,
+                        "{spec} {rope}: local layer {layer} holds {len}"
+                    );
+                    // Local layers move with the newest token when a policy re-positions.
+                    let global = cache.compressed_layers().next().unwrap();
+                    assert_eq!(
+                        cache.positions(layer, 0).last(),
+                        cache.positions(global, 0).last(),
+                        "{spec} {rope}: layer {layer}"
+                    );
+                } else if !matches!(entry.name, "full" | "kivi") {
+                    assert!(
+                        len <= budget + 20,
+                        "{spec} {rope}: global layer {layer} holds {len}"
+                    );
+                }
+            }
+        }
+    }
+}

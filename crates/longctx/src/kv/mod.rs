@@ -433,9 +433,11 @@ impl KvCache {
         self.grouped.as_ref().map(|g| &g.k)
     }
 
-    /// Slots in use in the fullest layer.
+    /// Slots in use in the fullest compressed layer: the tokens the cache holds (local layers
+    /// hold only the last of them, and all of them on a model without global layers).
     pub fn len(&self) -> usize {
-        self.lens.iter().copied().max().unwrap_or(0)
+        let global = self.compressed_layers().map(|l| self.lens[l]).max();
+        global.unwrap_or_else(|| self.lens.iter().copied().max().unwrap_or(0))
     }
 
     /// Slots in use in `layer` (every KV head of a layer holds as many).

@@ -174,7 +174,15 @@ impl KvPolicy for WindowKv {
         }
         let window = self.observing.len();
         // The layers of a group have kept the same slots every time, so they hold as many.
-        for first in (0..cache.n_layer).step_by(self.group) {
+        for start in (0..cache.n_layer).step_by(self.group) {
+            // Local layers hold their window, not a selection: the group's first compressed
+            // layer votes for the others.
+            let layers: Vec<usize> = (start..(start + self.group).min(cache.n_layer))
+                .filter(|&l| !cache.is_local(l))
+                .collect();
+            let Some(&first) = layers.first() else {
+                continue;
+            };
             let len = cache.layer_len(first);
             if len <= self.keep {
                 continue;
@@ -182,10 +190,8 @@ impl KvPolicy for WindowKv {
             let keep: Vec<Vec<usize>> = (0..cache.n_kv_head)
                 .map(|h| self.select(&self.votes.get(first, h, len), len, window, self.keep))
                 .collect();
-            for layer in first..(first + self.group).min(cache.n_layer) {
-                if !cache.is_local(layer) {
-                    cache.retain_layer(layer, &keep);
-                }
+            for layer in layers {
+                cache.retain_layer(layer, &keep);
             }
         }
         self.votes.clear();
