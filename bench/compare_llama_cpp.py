@@ -7,8 +7,8 @@ package (same GGUF file, f16 KV cache, the same thread count), with flash attent
 --flash, on as well; longctx runs as `longctx bench --json`. Each configuration is repeated, the
 median is reported, and the ratio longctx / llama.cpp is printed (> 1 means longctx is faster).
 The KV bytes each engine holds after a case are reported beside it (llama.cpp: the size of its
-sequence state, llama_state_seq_get_size, with its default cache: for a sliding-window model
-such as Gemma 3, the small SWA cache).
+sequence state, llama_state_seq_get_size; for a sliding-window model such as Gemma 3 with its
+small SWA cache, swa_full=False, not the context's full-size default).
 
 Needs: `pip install llama-cpp-python numpy` (build it with CMAKE_ARGS=-DGGML_NATIVE=ON) and a
 release build: `cargo build --release -p longctx-cli`.
@@ -52,6 +52,9 @@ def llama_cpp_run(model, threads, prompt, gen, depth, repetitions, flash):
         n_threads=threads,
         n_threads_batch=threads,
         flash_attn=flash,
+        # The small sliding-window cache (llama.cpp's context default is the full-size one):
+        # what a user running a long context with llama.cpp would choose to hold.
+        swa_full=False,
         logits_all=False,
         verbose=False,
     )

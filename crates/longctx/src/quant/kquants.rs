@@ -33,6 +33,24 @@ pub(super) const Q8K_BYTES: usize = 292;
 /// the signed extreme, round half to even (`nearest_int`'s magic-number add). candle's
 /// quantizer rounds half away from zero, which differs on exact ties.
 pub(super) fn quantize_act(x: &[f32], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::has_avx2() {
+        // SAFETY: the CPU has AVX2, FMA and F16C.
+        return unsafe { quantize_act_avx2(x, out) };
+    }
+    quantize_act_body(x, out)
+}
+
+/// The same code built with AVX2 on: `round_ties_even` then compiles to `vroundss` instead of
+/// a call into libm's `rintf` per value, which took 4% of a Gemma 3 prefill.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_act_avx2(x: &[f32], out: &mut [u8]) {
+    quantize_act_body(x, out)
+}
+
+#[inline(always)]
+fn quantize_act_body(x: &[f32], out: &mut [u8]) {
     for (xb, ob) in x.chunks_exact(256).zip(out.chunks_exact_mut(Q8K_BYTES)) {
         let (mut amax, mut max) = (0f32, 0f32);
         for &v in xb {
