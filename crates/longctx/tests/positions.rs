@@ -192,6 +192,31 @@ fn self_extend_within_its_window_is_the_model() {
     );
 }
 
+/// With group 1 Self-Extend's far positions are the trained ones, so its far attention is the
+/// plain one computed a second way. On Gemma 3, whose query is scaled after its rotation (one
+/// global layer, five sliding-window ones here), the far query must be scaled the same way.
+#[test]
+fn self_extend_with_group_1_is_the_model_on_gemma3() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models/gemma3-f16.gguf");
+    let model = Model::load(&path).unwrap();
+    assert!(model.config.query_scale.is_some());
+    let n_ctx = model.config.context_length;
+    let ids = tokens(n_ctx - 8, model.config.vocab);
+    let own = session_in(&model, "none", n_ctx, 512)
+        .unwrap()
+        .prefill(&ids)
+        .unwrap()
+        .to_vec();
+    let far = session_in(&model, "self_extend:group=1,window=32", n_ctx, 512)
+        .unwrap()
+        .prefill(&ids)
+        .unwrap()
+        .to_vec();
+    let diff = max_diff(&far, &own);
+    assert!(diff < 1e-3, "far attention moved the logits by {diff}");
+}
+
 #[test]
 fn far_schemes_refuse_contexts_they_do_not_reach() {
     let model = model();

@@ -228,6 +228,11 @@ impl FarScratch {
         for head in far_q.chunks_exact_mut(c.head_dim) {
             self.query_rotary.rotate_query(head, i, c.rope_style);
         }
+        // Gemma scales the rotated query (see `self_attention`); unscaled, the far scores of its
+        // global layers came out 16 times too large and Self-Extend and STRING broke the model.
+        if let Some(scale) = c.query_scale {
+            far_q.iter_mut().for_each(|x| *x *= scale);
+        }
     }
 
     /// Caches token `i`'s keys (`[Hkv·D]`, not yet rotated) rotated at its grouped position.
