@@ -4,7 +4,7 @@
 //!
 //! Bit for bit where the weights are 32-value block formats (Q4_0, Q4_1, Q8_0): their matmul
 //! rows are independent of how many rows a call has (activations are quantized row by row, and
-//! the four-row kernel `dot_x4` does for each row exactly what the one-row `dot` does). Other
+//! the many-row kernel `dot_n` does for each row exactly what the one-row `dot` does). Other
 //! formats follow llama.cpp, whose kernels change with the row count (repacked Q4_K multiplies
 //! groups of four rows in another order, F16/F32 sum in 16 lanes from two rows on), so batching
 //! changes their rounding, not their results.

@@ -21,8 +21,9 @@
 //! same adds as `hsum_float_8`) at the end: the same float operations, so one kernel serves both.
 //!
 //! Activation rows (ours): all i8 values of the row, then one f32 scale d per block, then for
-//! Q8_1 one f32 s = d·Σq per block. The scales hold exactly the f16-rounded values ggml stores,
-//! so the arithmetic is ggml's, but the kernels read them without conversion.
+//! Q8_1 one f32 s = d·Σq per block, for Q8_0 the integer −16·Σ4 vectors of `store_q5_offsets`.
+//! The scales hold exactly the f16-rounded values ggml stores, so the arithmetic is ggml's, but
+//! the kernels read them without conversion.
 
 use half::f16;
 
@@ -54,6 +55,21 @@ pub(super) fn quantize_act(act: ActType, x: &[f32], out: &mut [u8]) {
             let at = 4 * (blocks + b);
             scales[at..at + 4].copy_from_slice(&round_f16(d * sum as f32).to_le_bytes());
         }
+    }
+    if act == ActType::Q8_0 {
+        store_q5_offsets(out, cols);
+    }
+}
+
+/// Appends to a Q8_0 row, after the scales, each block's −16·Σ4 as 8 i32 (lane k: bytes
+/// 4k..4k+4): the part of a Q5_0 product Σ(code − 16)·x that does not depend on the weights,
+/// which the SIMD kernel then takes once per activation block instead of once per weight row.
+pub(super) fn store_q5_offsets(row: &mut [u8], cols: usize) {
+    let (qs, rest) = row.split_at_mut(cols);
+    let offsets = &mut rest[cols / 32 * 4..cols / 32 * 36];
+    for (lane, out) in qs.chunks_exact(4).zip(offsets.chunks_exact_mut(4)) {
+        let sum: i32 = lane.iter().map(|&q| q as i8 as i32).sum();
+        out.copy_from_slice(&(-16 * sum).to_le_bytes());
     }
 }
 
@@ -191,11 +207,17 @@ pub(super) fn dot(wtype: WeightType, w: &[u8], a: &[u8], cols: usize) -> f32 {
     dot_scalar(wtype, w, a, cols)
 }
 
-pub(super) fn dot_x4(wtype: WeightType, w: &[u8], a: [&[u8]; 4], cols: usize) -> [f32; 4] {
+/// One weight row times N activation rows; bit for bit N [`dot`]s.
+pub(super) fn dot_n<const N: usize>(
+    wtype: WeightType,
+    w: &[u8],
+    a: [&[u8]; N],
+    cols: usize,
+) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
     if super::x86::has_avx2() {
-        // SAFETY: as above.
-        return unsafe { super::x86::dot_x4(wtype, w, a, cols) };
+        // SAFETY: the CPU supports the features the kernel is compiled for.
+        return unsafe { super::x86::dot_n(wtype, w, a, cols) };
     }
     a.map(|a| dot_scalar(wtype, w, a, cols))
 }
@@ -263,7 +285,7 @@ mod tests {
                     pack_q5(&codes, &mut out);
                 }
                 _ => {
-                    let mut q = vec![0u8; 36];
+                    let mut q = vec![0u8; ActType::Q8_0.row_stride(32)];
                     quantize_act(ActType::Q8_0, b, &mut q);
                     out.extend_from_slice(&f16::from_f32(f32_at(&q, 32)).to_le_bytes());
                     out.extend_from_slice(&q[..32]);
@@ -317,7 +339,7 @@ mod tests {
                 acts[2].row(0),
                 acts[3].row(0),
             ];
-            let four = dot_x4(wtype, &w, rows, cols);
+            let four = dot_n(wtype, &w, rows, cols);
             for i in 0..4 {
                 let reference = dot_scalar(wtype, &w, rows[i], cols);
                 let fast = dot(wtype, &w, rows[i], cols);
@@ -497,10 +519,13 @@ mod tests {
                         };
                         row[cols + 4 * i..cols + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
                     }
+                    if act == ActType::Q8_0 {
+                        store_q5_offsets(row, cols);
+                    }
                 }
                 for set in [&quantized, &synthetic] {
                     let a = [&set[0][..], &set[1][..], &set[2][..], &set[3][..]];
-                    let four = dot_x4(wtype, &w, a, cols);
+                    let four = dot_n(wtype, &w, a, cols);
                     for r in 0..4 {
                         let oracle = dot_scalar(wtype, &w, a[r], cols);
                         for got in [dot(wtype, &w, a[r], cols), four[r]] {

@@ -364,18 +364,18 @@ pub(super) fn dot(wtype: WeightType, w: &[u8], a: &[u8], cols: usize, path: KPat
     dot_path(wtype, w, a, cols, path)
 }
 
-/// Four rows at once, each weight super-block decoded once; bit for bit four [`dot`]s.
-pub(super) fn dot_x4(
+/// N rows at once, each weight super-block decoded once; bit for bit N [`dot`]s.
+pub(super) fn dot_n<const N: usize>(
     wtype: WeightType,
     w: &[u8],
-    a: [&[u8]; 4],
+    a: [&[u8]; N],
     cols: usize,
     path: KPath,
-) -> [f32; 4] {
+) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2() {
         // SAFETY: the CPU has AVX2, FMA and F16C.
-        return unsafe { super::kquants_x86::dot_x4(wtype, w, a, cols, path) };
+        return unsafe { super::kquants_x86::dot_n(wtype, w, a, cols, path) };
     }
     a.map(|a| dot_path(wtype, w, a, cols, path))
 }
@@ -461,7 +461,7 @@ mod tests {
         let act_d = [1e30f32, -1e-30, 0.0, 1.0, -0.007, 3.4e38];
         let cols = 2048;
         for seed in 0..24u32 {
-            let mut rows: Vec<Vec<u8>> = (0..4)
+            let mut rows: Vec<Vec<u8>> = (0..8)
                 .map(|r| pseudo_random(cols / 256 * Q8K_BYTES, 1000 * seed + r))
                 .collect();
             for (r, row) in rows.iter_mut().enumerate() {
@@ -509,12 +509,24 @@ mod tests {
                     if wtype != WeightType::Q4K && matches!(path, KPath::Gemv | KPath::Gemm) {
                         continue;
                     }
-                    let a = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
-                    let x4 = dot_x4(wtype, &w, a, cols, path);
-                    for r in 0..4 {
+                    let a: [&[u8]; 8] = std::array::from_fn(|r| &rows[r][..]);
+                    let x4 = dot_n(wtype, &w, [a[0], a[1], a[2], a[3]], cols, path);
+                    let x8 = dot_n(wtype, &w, a, cols, path);
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the CPU has AVX2 (checked above).
+                    let each =
+                        unsafe { super::super::kquants_x86::dot_n_each(wtype, &w, a, cols, path) };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let each: Vec<[f32; 8]> = Vec::new();
+                    for r in 0..8 {
                         let oracle = dot_path(wtype, &w, a[r], cols, path);
                         let one = dot(wtype, &w, a[r], cols, path);
-                        for got in [one, x4[r]] {
+                        let variants = each.iter().map(|v| v[r]);
+                        for got in [one, x8[r]]
+                            .into_iter()
+                            .chain(x4.get(r).copied())
+                            .chain(variants)
+                        {
                             assert!(
                                 got.to_bits() == oracle.to_bits()
                                     || (got.is_nan() && oracle.is_nan()),

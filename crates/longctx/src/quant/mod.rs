@@ -19,6 +19,7 @@ use std::sync::Arc;
 use candle_core::quantized::GgmlDType;
 use memmap2::Mmap;
 
+use crate::threads::ThreadPool;
 use crate::{Error, Result};
 
 pub use kquants::KPath;
@@ -126,9 +127,10 @@ impl ActType {
     /// f32 scales.
     pub fn row_stride(self, cols: usize) -> usize {
         match self {
-            // Our own layout, not ggml's: all 8-bit values first, then the f32 scales (and sums),
-            // so the kernels read scales without converting from f16 in the inner loop.
-            Self::Q8_0 => cols + cols / 32 * 4,
+            // Our own layout, not ggml's: all 8-bit values first, then the f32 scales (and sums,
+            // or Q5_0's activation term, see `blocks::store_q5_offsets`), so the kernels read
+            // scales without converting from f16 in the inner loop.
+            Self::Q8_0 => cols + cols / 32 * 36,
             Self::Q8_1 => cols + cols / 32 * 8,
             _ => {
                 let (values, bytes) = self.block();
@@ -252,6 +254,40 @@ pub struct Activations {
 impl Activations {
     /// Converts `rows` rows of `cols` values from `x` (row-major).
     pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize, act: ActType) {
+        let bytes = self.resize(rows, cols, act);
+        for (src, dst) in x
+            .chunks_exact(cols)
+            .zip(bytes.chunks_exact_mut(act.row_stride(cols)))
+        {
+            convert_row(act, src, dst);
+        }
+    }
+
+    /// The same, the rows split across the pool's threads: a prefill's conversion would
+    /// otherwise leave all but the calling thread waiting.
+    pub fn quantize_on(
+        &mut self,
+        pool: &ThreadPool,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        act: ActType,
+    ) {
+        let stride = act.row_stride(cols);
+        let out = SyncBytes(self.resize(rows, cols, act).as_mut_ptr());
+        pool.for_ranges(rows, &|range| {
+            for r in range {
+                // SAFETY: row r lies inside the buffer just sized for `rows` rows, and each row
+                // is written by the one thread whose range holds it.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(out.get().add(r * stride), stride) };
+                convert_row(act, &x[r * cols..(r + 1) * cols], dst);
+            }
+        });
+    }
+
+    /// Sizes the buffer for `rows` converted rows and returns their bytes.
+    fn resize(&mut self, rows: usize, cols: usize, act: ActType) -> &mut [u8] {
         let stride = act.row_stride(cols);
         let words = rows * stride / 4;
         if self.data.len() < words {
@@ -260,14 +296,7 @@ impl Activations {
         self.stride = stride;
         self.rows = rows;
         self.act = Some(act);
-        let bytes = bytemuck_bytes_mut(&mut self.data[..words]);
-        for (src, dst) in x.chunks_exact(cols).zip(bytes.chunks_exact_mut(stride)) {
-            match act {
-                ActType::F32 | ActType::F16 | ActType::BF16 => float::from_f32(act, src, dst),
-                ActType::Q8_0 | ActType::Q8_1 => blocks::quantize_act(act, src, dst),
-                ActType::Q8K => kquants::quantize_act(src, dst),
-            }
-        }
+        bytemuck_bytes_mut(&mut self.data[..words])
     }
 
     pub fn row(&self, r: usize) -> &[u8] {
@@ -281,6 +310,25 @@ impl Activations {
 
     pub fn rows(&self) -> usize {
         self.rows
+    }
+}
+
+fn convert_row(act: ActType, src: &[f32], dst: &mut [u8]) {
+    match act {
+        ActType::F32 | ActType::F16 | ActType::BF16 => float::from_f32(act, src, dst),
+        ActType::Q8_0 | ActType::Q8_1 => blocks::quantize_act(act, src, dst),
+        ActType::Q8K => kquants::quantize_act(src, dst),
+    }
+}
+
+struct SyncBytes(*mut u8);
+// SAFETY: threads write disjoint rows (see `Activations::quantize_on`).
+unsafe impl Sync for SyncBytes {}
+
+impl SyncBytes {
+    /// Through a method, so that closures capture the `Sync` wrapper, not the raw pointer.
+    fn get(&self) -> *mut u8 {
+        self.0
     }
 }
 
@@ -332,22 +380,29 @@ pub fn dot(wtype: WeightType, w: &[u8], a: &[u8], cols: usize, batch: Batch) -> 
     }
 }
 
-/// Four dot products of one weight row with four activation rows, reading the weight once.
+/// N dot products of one weight row with N activation rows, reading the weight once.
 ///
-/// Not always four [`dot`]s bit for bit: llama.cpp's batched kernels for some weight types
+/// Not always N [`dot`]s bit for bit: llama.cpp's batched kernels for some weight types
 /// (repacked Q4_K) sum in another grouping than its single-row ones, and it hands them the
 /// rows in groups of four, the `tokens % 4` rest going to the single-row kernel. The matmul
-/// driver calls this for exactly those groups, so both paths match.
-pub fn dot_x4(wtype: WeightType, w: &[u8], a: [&[u8]; 4], cols: usize, batch: Batch) -> [f32; 4] {
+/// driver calls this for rows of exactly those groups (whole groups, N a multiple of four), so
+/// both paths match.
+pub fn dot_n<const N: usize>(
+    wtype: WeightType,
+    w: &[u8],
+    a: [&[u8]; N],
+    cols: usize,
+    batch: Batch,
+) -> [f32; N] {
     match wtype {
         WeightType::Q4_0
         | WeightType::Q4_1
         | WeightType::Q5_0
         | WeightType::Q5_1
-        | WeightType::Q8_0 => blocks::dot_x4(wtype, w, a, cols),
+        | WeightType::Q8_0 => blocks::dot_n(wtype, w, a, cols),
         WeightType::Q4K | WeightType::Q5K | WeightType::Q6K => {
             let path = kquants::KPath::choose(wtype, batch.repacked, batch.tokens, true);
-            kquants::dot_x4(wtype, w, a, cols, path)
+            kquants::dot_n(wtype, w, a, cols, path)
         }
         _ => a.map(|a| dot(wtype, w, a, cols, batch)),
     }
