@@ -14,7 +14,7 @@ Needs: `pip install llama-cpp-python numpy` (build it with CMAKE_ARGS=-DGGML_NAT
 release build: `cargo build --release -p longctx-cli`.
 
     python3 bench/compare_llama_cpp.py [--model PATH|NAME] [--threads 2] [--repetitions 5] [--long]
-        [--prefill 32768] [--flash]
+        [--prefill 32768] [--only-prefill] [--flash]
 
 These machines are small and noisy: run it on an otherwise idle machine.
 """
@@ -102,13 +102,15 @@ def main():
     ap.add_argument("--prefill", type=int, action="append", default=[],
                     help="also prefill this many tokens from an empty cache, once per round (repeatable)")
     ap.add_argument("--flash", action="store_true", help="also run llama.cpp with flash attention on")
+    ap.add_argument("--only-prefill", action="store_true",
+                    help="run only the --prefill cases (a 32k prefill round costs minutes; give it its own --rounds)")
     args = ap.parse_args()
     if not os.path.exists(LONGCTX):
         sys.exit("build longctx first: cargo build --release -p longctx-cli")
     model = args.model if args.model and os.path.exists(args.model) else fetch_model(args.model)
     # (name, prompt tokens, generated tokens, depth, repetitions): filling 4096 tokens of depth
     # dominates the deep case, so it repeats less.
-    cases = [
+    cases = [] if args.only_prefill else [
         ("pp512", 512, 0, 0, args.repetitions),
         ("tg128", 0, 128, 0, args.repetitions),
         ("tg128 @ d4096", 0, 128, 4096, max(1, args.repetitions // 2)),
