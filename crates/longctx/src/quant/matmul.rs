@@ -152,30 +152,36 @@ fn rows(
             let mut t = t0;
             // Eight tokens a weight block where they are there: its decoding is shared more
             // widely, and the accumulators still fit the registers.
-            while t + 8 <= t1 {
-                let a: [&[u8]; 8] = std::array::from_fn(|i| act.row(t + i));
-                for (i, v) in dot_n(weight.wtype, w, a, cols, batch)
-                    .into_iter()
-                    .enumerate()
-                {
-                    store(t + i, r, v);
-                }
-                t += 8;
-            }
-            while t + 4 <= t1 {
-                let a: [&[u8]; 4] = std::array::from_fn(|i| act.row(t + i));
-                for (i, v) in dot_n(weight.wtype, w, a, cols, batch)
-                    .into_iter()
-                    .enumerate()
-                {
-                    store(t + i, r, v);
-                }
-                t += 4;
-            }
+            groups::<8>(weight, act, r, &mut t, t1, batch, &store);
+            groups::<4>(weight, act, r, &mut t, t1, batch, &store);
             for t in t..t1 {
                 store(t, r, dot(weight.wtype, w, act.row(t), cols, batch));
             }
         }
+    }
+}
+
+/// Row `r` against tokens `t..` in groups of `N` while whole groups fit before `t1`; `t` ends
+/// after the last group.
+fn groups<const N: usize>(
+    weight: &Weight,
+    act: &Activations,
+    r: usize,
+    t: &mut usize,
+    t1: usize,
+    batch: Batch,
+    store: &impl Fn(usize, usize, f32),
+) {
+    let w = weight.row(r);
+    while *t + N <= t1 {
+        let a: [&[u8]; N] = std::array::from_fn(|i| act.row(*t + i));
+        for (i, v) in dot_n(weight.wtype, w, a, weight.cols, batch)
+            .into_iter()
+            .enumerate()
+        {
+            store(*t + i, r, v);
+        }
+        *t += N;
     }
 }
 
