@@ -34,10 +34,18 @@
 //! score has the arithmetic above, and one softmax runs over all of them, as both papers merge.
 
 use std::cell::RefCell;
+use std::ops::Range;
 
 use half::f16;
 
 use crate::kv::{KvCache, KvData, Tensor};
+
+#[cfg(target_arch = "x86_64")]
+use super::attention_avx512 as avx512;
+#[cfg(target_arch = "x86_64")]
+use super::attention_avx512::GROUP;
+#[cfg(not(target_arch = "x86_64"))]
+const GROUP: usize = 4;
 
 /// Largest head size [`attend`] handles.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -272,24 +280,35 @@ pub fn attend_block(
                 }
                 _ => &[],
             };
-            for ((row, s), q) in rows
-                .iter()
-                .zip(scores.chunks_mut(stride))
-                .zip(queries.chunks(2 * d))
-            {
+            for run in runs(rows) {
+                let row = &rows[run.start];
                 let end = (tile + TILE).min(row.visible);
                 let start = tile.max(row.from);
                 if end <= start {
                     continue;
                 }
                 let split = row.far.map_or(start, |f| f.slots.clamp(tile, end));
-                let (near_q, far_q) = q.split_at(d);
-                let (far_s, near_s) = s[start..end].split_at_mut(split - start);
-                if !far_s.is_empty() {
-                    score_tile(far_q, far_tile, d, kq_lanes, f16_cache, scale, far_s);
+                let q = &queries[run.start * 2 * d..run.end * 2 * d];
+                let s = &mut scores[run.start * stride..run.end * stride];
+                let score = |q: &[f32], keys: &[f32], s: &mut [f32], slots| {
+                    score_rows(
+                        q,
+                        2 * d,
+                        keys,
+                        d,
+                        kq_lanes,
+                        f16_cache,
+                        scale,
+                        s,
+                        stride,
+                        slots,
+                    )
+                };
+                if split > start {
+                    score(&q[d..], far_tile, s, start..split);
                 }
                 let near_keys = &keys[(split - tile) * d..];
-                score_tile(near_q, near_keys, d, kq_lanes, f16_cache, scale, near_s);
+                score(q, near_keys, s, split..end);
             }
         }
         for (row, s) in rows.iter().zip(scores.chunks_mut(stride)) {
@@ -298,7 +317,7 @@ pub fn attend_block(
         let per_row = kqv_lanes * d;
         let acc = &mut block.acc[..rows.len() * per_row];
         acc.fill(0.0);
-        let mut weights = [0f32; TILE];
+        let mut weights = [0f32; GROUP * TILE];
         for tile in (first_tile..stride).step_by(TILE) {
             let tile_end = (tile + TILE).min(stride);
             let values = widen_slots(
@@ -310,21 +329,23 @@ pub fn attend_block(
                 tile_end,
                 &mut block.tile,
             );
-            for ((row, s), a) in rows
-                .iter()
-                .zip(scores.chunks(stride))
-                .zip(acc.chunks_mut(per_row))
-            {
+            for run in runs(rows) {
+                let row = &rows[run.start];
                 let end = (tile + TILE).min(row.visible);
-                if end > tile.max(row.from) {
-                    let p = &mut weights[..end - tile];
-                    p.copy_from_slice(&s[tile..end]);
+                if end <= tile.max(row.from) {
+                    continue;
+                }
+                let n = end - tile;
+                for (r, p) in run.clone().zip(weights.chunks_mut(TILE)) {
+                    let p = &mut p[..n];
+                    p.copy_from_slice(&scores[r * stride + tile..][..n]);
                     // `mul_mat` converts the weights to the cache type first.
                     if f16_cache {
                         round_to_f16(p);
                     }
-                    accumulate_tile(values, p, d, kqv_lanes, a);
                 }
+                let a = &mut acc[run.start * per_row..run.end * per_row];
+                accumulate_rows(values, &weights, n, d, kqv_lanes, a);
             }
         }
         for (row, a) in rows.iter_mut().zip(acc.chunks_mut(per_row)) {
@@ -367,10 +388,21 @@ fn widen<'a>(
         KvData::F32(x) => &x[range],
         KvData::F16(x) => {
             let out = &mut buffer[..(to - from) * d];
-            half::slice::HalfFloatSliceExt::convert_to_f32_slice(&x[range], out);
+            widen_f16(&x[range], out);
             out
         }
     }
+}
+
+/// `out[i] = x[i]` widened from f16. `half`'s slice conversion calls a function per 8 values,
+/// which was a tenth of a Gemma 3 prefill at 8k.
+fn widen_f16(x: &[f16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx2() {
+        // SAFETY: the CPU has AVX2 and F16C.
+        return unsafe { simd::widen_f16(x, out) };
+    }
+    half::slice::HalfFloatSliceExt::convert_to_f32_slice(x, out);
 }
 
 /// [`widen`] for the keys or values of `head` in `layer`, slots `from..to`: those KIVI holds
@@ -401,7 +433,7 @@ fn widen_slots<'a>(
     cache.dequantize(tensor, layer, head, from..split, packed);
     let range = base..base + rows.len();
     match data {
-        KvData::F16(x) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(&x[range], rows),
+        KvData::F16(x) => widen_f16(&x[range], rows),
         KvData::F32(x) => rows.copy_from_slice(&x[range]),
     }
     out
@@ -451,6 +483,114 @@ fn accumulate_tile(values: &[f32], p: &[f32], d: usize, lanes: usize, acc: &mut 
         for (o, &x) in row.iter_mut().zip(&values[j * d..(j + 1) * d]) {
             *o = x.mul_add(pj, *o);
         }
+    }
+}
+
+/// Rows of a block that see the same slots with the same far split (the query heads sharing a
+/// KV head, at one token), consecutive, at most [`GROUP`] at a time: they are scored and summed
+/// together.
+fn runs<'a>(rows: &'a [QueryRow]) -> impl Iterator<Item = Range<usize>> + 'a {
+    let sees = |r: &QueryRow| (r.from, r.visible, r.far.map(|f| f.slots));
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        let first = rows.get(start)?;
+        let len = rows[start..]
+            .iter()
+            .take(GROUP)
+            .take_while(|r| sees(r) == sees(first))
+            .count();
+        start += len;
+        Some(start - len..start)
+    })
+}
+
+/// [`score_tile`] for rows that see the same slots: row r's query is `queries[r·q_stride..][..d]`
+/// and its scores for `slots` go to `scores[r·s_stride..]`, from the keys of those slots.
+#[allow(clippy::too_many_arguments)]
+fn score_rows(
+    queries: &[f32],
+    q_stride: usize,
+    keys: &[f32],
+    d: usize,
+    lanes: usize,
+    wide: bool,
+    scale: f32,
+    scores: &mut [f32],
+    s_stride: usize,
+    slots: Range<usize>,
+) {
+    let rows = scores.len().div_ceil(s_stride);
+    let n = slots.len();
+    if n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if lanes == 16 && d.is_multiple_of(16) && avx512::available() {
+        assert!(rows <= GROUP && keys.len() >= n * d);
+        assert!(queries.len() >= (rows - 1) * q_stride + d);
+        assert!(scores.len() >= (rows - 1) * s_stride + slots.end);
+        let (q, k) = (queries.as_ptr(), keys.as_ptr());
+        let s = scores[slots.start..].as_mut_ptr();
+        // SAFETY: the CPU has AVX-512F; the bounds are checked above, `d % 16 == 0`.
+        unsafe {
+            match rows {
+                1 => avx512::scores16::<1>(q, q_stride, k, n, d, scale, s, s_stride),
+                2 => avx512::scores16::<2>(q, q_stride, k, n, d, scale, s, s_stride),
+                3 => avx512::scores16::<3>(q, q_stride, k, n, d, scale, s, s_stride),
+                _ => avx512::scores16::<4>(q, q_stride, k, n, d, scale, s, s_stride),
+            }
+        }
+        return;
+    }
+    for r in 0..rows {
+        let q = &queries[r * q_stride..][..d];
+        score_tile(
+            q,
+            keys,
+            d,
+            lanes,
+            wide,
+            scale,
+            &mut scores[r * s_stride..][slots.clone()],
+        );
+    }
+}
+
+/// [`accumulate_tile`] for rows that see the same slots: row r's weights are
+/// `weights[r·TILE..][..n]` and its lanes `acc[r·lanes·d..]`.
+fn accumulate_rows(
+    values: &[f32],
+    weights: &[f32],
+    n: usize,
+    d: usize,
+    lanes: usize,
+    acc: &mut [f32],
+) {
+    let per_row = lanes * d;
+    let rows = acc.len() / per_row;
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(64) && avx512::available() && matches!(lanes, 16 | 64) {
+        assert!(rows <= GROUP && values.len() >= n * d && n <= TILE);
+        assert!(weights.len() >= rows * TILE && acc.len() >= rows * per_row);
+        let (v, p, a) = (values.as_ptr(), weights.as_ptr(), acc.as_mut_ptr());
+        // SAFETY: the CPU has AVX-512F; the bounds are checked above, `d % 64 == 0`, and a
+        // tile starts at a multiple of TILE, itself a multiple of 16 and 64.
+        unsafe {
+            match (lanes, rows) {
+                (16, 1) => avx512::accumulate::<16, 1>(v, n, d, p, TILE, a, per_row),
+                (16, 2) => avx512::accumulate::<16, 2>(v, n, d, p, TILE, a, per_row),
+                (16, 3) => avx512::accumulate::<16, 3>(v, n, d, p, TILE, a, per_row),
+                (16, _) => avx512::accumulate::<16, 4>(v, n, d, p, TILE, a, per_row),
+                (_, 1) => avx512::accumulate::<64, 1>(v, n, d, p, TILE, a, per_row),
+                (_, 2) => avx512::accumulate::<64, 2>(v, n, d, p, TILE, a, per_row),
+                (_, 3) => avx512::accumulate::<64, 3>(v, n, d, p, TILE, a, per_row),
+                (_, _) => avx512::accumulate::<64, 4>(v, n, d, p, TILE, a, per_row),
+            }
+        }
+        return;
+    }
+    for (p, a) in weights.chunks(TILE).zip(acc.chunks_mut(per_row)).take(rows) {
+        accumulate_tile(values, &p[..n], d, lanes, a);
     }
 }
 
@@ -881,6 +1021,18 @@ pub(crate) mod simd {
     }
 
     #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn widen_f16(x: &[f16], out: &mut [f32]) {
+        assert_eq!(x.len(), out.len());
+        let full = x.len() / 8 * 8;
+        for i in (0..full).step_by(8) {
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), load_f16(x.as_ptr().add(i)));
+        }
+        for (o, v) in out[full..].iter_mut().zip(&x[full..]) {
+            *o = v.to_f32();
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn round_to_f16(x: &mut [f32]) {
         let mut chunks = x.chunks_exact_mut(8);
         for c in &mut chunks {
@@ -1185,7 +1337,7 @@ mod tests {
         };
         let slots = 2 * TILE + 37;
         for dtype in [KvDtype::F16, KvDtype::F32] {
-            for d in [64usize, 48, 128] {
+            for d in [64usize, 48, 128, 256] {
                 let mut cache = KvCache::new(dtype, 2, 2, d, slots);
                 let mut far_cache = KvCache::new(dtype, 2, 2, d, slots);
                 for c in [&mut cache, &mut far_cache] {
@@ -1201,8 +1353,46 @@ mod tests {
                         }
                     }
                 }
-                let visible = [1usize, 15, 16, 17, TILE, TILE + 1, slots - 1, slots, 203];
-                let far_slots = [1usize, 0, 9, 17, 100, TILE, TILE + 5, 0, 203];
+                // Runs of rows that see the same slots (up to 5: one group of four and one
+                // alone) go through the group kernels.
+                let visible = [
+                    1usize,
+                    15,
+                    15,
+                    16,
+                    17,
+                    17,
+                    17,
+                    TILE,
+                    TILE + 1,
+                    TILE + 1,
+                    TILE + 1,
+                    TILE + 1,
+                    TILE + 1,
+                    slots - 1,
+                    slots,
+                    203,
+                    203,
+                ];
+                let far_slots = [
+                    1usize,
+                    0,
+                    0,
+                    9,
+                    17,
+                    17,
+                    17,
+                    100,
+                    TILE,
+                    TILE,
+                    TILE,
+                    TILE,
+                    TILE,
+                    TILE + 5,
+                    0,
+                    203,
+                    203,
+                ];
                 let queries: Vec<(Vec<f32>, Vec<f32>)> = visible
                     .iter()
                     .map(|_| {

@@ -1,6 +1,8 @@
 //! Models: configuration read from GGUF metadata, weights mapped in place, and the forward pass.
 
 mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_avx512;
 mod config;
 mod geglu;
 mod llama;
