@@ -810,20 +810,33 @@ fn attention_blocks(
     let scale = kq_scale(c);
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let t = input.positions.len();
-    let units = t.div_ceil(BLOCK_TOKENS) * c.n_kv_head;
+    let blocks = t.div_ceil(BLOCK_TOKENS) * c.n_kv_head;
+    // Fewer blocks than threads (a decoded token on a model with one KV head, as Gemma 3 270M)
+    // would leave threads idle: the heads sharing a KV head are then split between them, each
+    // part reading the cache for itself.
+    let parts = if blocks < pool.threads() {
+        pool.threads().min(group)
+    } else {
+        1
+    };
+    let units = blocks * parts;
     let reduction = Reduction::for_chunk(t);
     let far_keys = far_keys(cache, &input);
     pool.run(&|index, n| {
         let mut scratch = lock(&scores[index]);
         let mut rows = Vec::with_capacity(BLOCK_TOKENS * group);
-        for unit in split_range(units, index, n) {
-            let (block, kv_head) = (unit / c.n_kv_head, unit % c.n_kv_head);
+        // Dealt round-robin: a causal block costs more the later its tokens, so halves of the
+        // chunk would leave the first thread waiting for the last.
+        for unit in (index..units).step_by(n) {
+            let (block, kv_head) = (unit / parts / c.n_kv_head, unit / parts % c.n_kv_head);
             let tokens = block * BLOCK_TOKENS..((block + 1) * BLOCK_TOKENS).min(t);
+            let part = split_range(group, unit % parts, parts);
+            let heads = kv_head * group + part.start..kv_head * group + part.end;
             rows.clear();
             for i in tokens.clone() {
                 let visible = input.first_slot + i + 1;
                 let from = input.first_visible(cache, kv_head, i, visible);
-                for h in kv_head * group..(kv_head + 1) * group {
+                for h in heads.clone() {
                     let at = (i * c.n_head + h) * hd;
                     let far = input.far.map(|(map, far_q)| FarRow {
                         q: &far_q[at..at + hd],
@@ -856,7 +869,10 @@ fn attention_blocks(
             if let Some(obs) = observer {
                 let stride = block_stride(&rows);
                 for (r, row) in rows.iter().enumerate() {
-                    let (i, h) = (tokens.start + r / group, kv_head * group + r % group);
+                    let (i, h) = (
+                        tokens.start + r / heads.len(),
+                        heads.start + r % heads.len(),
+                    );
                     let position = input.positions[i];
                     if obs.wants(input.layer, position) {
                         obs.observe(
