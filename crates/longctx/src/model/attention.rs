@@ -398,6 +398,11 @@ fn widen<'a>(
 /// which was a tenth of a Gemma 3 prefill at 8k.
 fn widen_f16(x: &[f16], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { simd::widen_f16_x16(x, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::quant::has_avx2() {
         // SAFETY: the CPU has AVX2 and F16C.
         return unsafe { simd::widen_f16(x, out) };
@@ -1032,6 +1037,19 @@ pub(crate) mod simd {
         }
     }
 
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn widen_f16_x16(x: &[f16], out: &mut [f32]) {
+        assert_eq!(x.len(), out.len());
+        let full = x.len() / 16 * 16;
+        for i in (0..full).step_by(16) {
+            let h = _mm256_loadu_si256(x.as_ptr().add(i).cast());
+            _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+        }
+        for (o, v) in out[full..].iter_mut().zip(&x[full..]) {
+            *o = v.to_f32();
+        }
+    }
+
     #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn round_to_f16(x: &mut [f32]) {
         let mut chunks = x.chunks_exact_mut(8);
@@ -1562,6 +1580,18 @@ mod tests {
                 let want = dot_lanes(lanes, d, |i| a[i], |i| b[i].to_f32(), true);
                 assert_eq!(dot_f16(lanes, &a, &b).to_bits(), want.to_bits());
             }
+        }
+        // Widening is exact whichever kernel does it, tails included.
+        let h: Vec<f16> = (0..53).map(|_| f16::from_f32(next())).collect();
+        let want: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+        let mut got = vec![0f32; h.len()];
+        widen_f16(&h, &mut got);
+        assert_eq!(got, want);
+        #[cfg(target_arch = "x86_64")]
+        if crate::quant::has_avx2() {
+            // SAFETY: the CPU has AVX2 and F16C.
+            unsafe { simd::widen_f16(&h, &mut got) };
+            assert_eq!(got, want);
         }
     }
 }
