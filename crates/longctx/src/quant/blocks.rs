@@ -222,6 +222,22 @@ pub(super) fn dot_n<const N: usize>(
     a.map(|a| dot_scalar(wtype, w, a, cols))
 }
 
+/// Two weight rows times N activation rows in one pass where a kernel does that (see
+/// [`super::x86::dot_pair_n`]); bit for bit two [`dot_n`]s. `None`: call [`dot_n`] per row.
+pub(super) fn dot_pair_n<const N: usize>(
+    wtype: WeightType,
+    w: [&[u8]; 2],
+    a: [&[u8]; N],
+    cols: usize,
+) -> Option<[[f32; N]; 2]> {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::has_avx2() {
+        // SAFETY: the CPU supports the features the kernel is compiled for.
+        return unsafe { super::x86::dot_pair_n(wtype, w, a, cols) };
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! `out[t, r] = Σ_c x[t, c] · W[r, c]` for several weight matrices that share one input, split
 //! by output rows across the pool (one parallel region for q, k and v together, say).
 
-use super::{dot, dot_n, ActType, Activations, Batch, Weight};
+use super::{dot, dot_n, dot_pair_n, ActType, Activations, Batch, Weight};
 use crate::threads::ThreadPool;
 
 /// Tokens processed per pass over a thread's weight rows (a multiple of 4: `dot_n` must see
@@ -147,18 +147,57 @@ fn rows(
     };
     for t0 in (0..tokens).step_by(TOKEN_TILE) {
         let t1 = (t0 + TOKEN_TILE).min(tokens);
-        for r in range.clone() {
-            let w = weight.row(r);
+        let mut r = range.start;
+        while r < range.end {
             let mut t = t0;
-            // Eight tokens a weight block where they are there: its decoding is shared more
-            // widely, and the accumulators still fit the registers.
-            groups::<8>(weight, act, r, &mut t, t1, batch, &store);
-            groups::<4>(weight, act, r, &mut t, t1, batch, &store);
-            for t in t..t1 {
-                store(t, r, dot(weight.wtype, w, act.row(t), cols, batch));
+            let paired = r + 1 < range.end
+                && pair_groups::<8>(weight, act, r, &mut t, t1, &store)
+                && pair_groups::<4>(weight, act, r, &mut t, t1, &store);
+            let rows = if paired { r..r + 2 } else { r..r + 1 };
+            if !paired {
+                // Eight tokens a weight block where they are there: its decoding is shared
+                // more widely, and the accumulators still fit the registers.
+                groups::<8>(weight, act, r, &mut t, t1, batch, &store);
+                groups::<4>(weight, act, r, &mut t, t1, batch, &store);
             }
+            for r in rows.clone() {
+                for t in t..t1 {
+                    store(
+                        t,
+                        r,
+                        dot(weight.wtype, weight.row(r), act.row(t), cols, batch),
+                    );
+                }
+            }
+            r = rows.end;
         }
     }
+}
+
+/// [`groups`] for rows `r` and `r + 1` together; false (and nothing done) where no kernel
+/// takes two rows for this weight type and CPU.
+fn pair_groups<const N: usize>(
+    weight: &Weight,
+    act: &Activations,
+    r: usize,
+    t: &mut usize,
+    t1: usize,
+    store: &impl Fn(usize, usize, f32),
+) -> bool {
+    let w = [weight.row(r), weight.row(r + 1)];
+    while *t + N <= t1 {
+        let a: [&[u8]; N] = std::array::from_fn(|i| act.row(*t + i));
+        let Some(both) = dot_pair_n(weight.wtype, w, a, weight.cols) else {
+            return false;
+        };
+        for (row, values) in both.into_iter().enumerate() {
+            for (i, v) in values.into_iter().enumerate() {
+                store(*t + i, r + row, v);
+            }
+        }
+        *t += N;
+    }
+    true
 }
 
 /// Row `r` against tokens `t..` in groups of `N` while whole groups fit before `t1`; `t` ends
@@ -222,13 +261,15 @@ mod tests {
     }
 
     /// Q5 and Q8_0 matrices through the threaded driver, one token (decode) and several
-    /// (prefill: groups of eight and four through `dot_n`, the rest through `dot`, the
+    /// (prefill: groups of eight and four through `dot_n`, or through `dot_pair_n` two weight
+    /// rows at once where the CPU has the kernel, the rest through `dot`, the
     /// conversion on all threads from 8 tokens on): every output is the scalar oracle's product
     /// bit for bit and close to the float product of the dequantized weights.
     #[test]
     fn q5_weights_through_matmul_match_the_oracle() {
         let pool = ThreadPool::new(2);
-        let (rows, cols) = (20, 640);
+        // An odd row count: one thread's range ends in a row without a pair.
+        let (rows, cols) = (21, 640);
         for wtype in [WeightType::Q5_0, WeightType::Q5_1, WeightType::Q8_0] {
             let w = weight(wtype, rows, cols, 17);
             let mut deq = vec![0f32; rows * cols];

@@ -408,6 +408,20 @@ pub fn dot_n<const N: usize>(
     }
 }
 
+/// Two weight rows times N activation rows, each weight and activation block read once for
+/// both rows, where a kernel does that; bit for bit two [`dot_n`]s. `None`: call [`dot_n`].
+pub fn dot_pair_n<const N: usize>(
+    wtype: WeightType,
+    w: [&[u8]; 2],
+    a: [&[u8]; N],
+    cols: usize,
+) -> Option<[[f32; N]; 2]> {
+    match wtype {
+        WeightType::Q5_0 => blocks::dot_pair_n(wtype, w, a, cols),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
