@@ -14,7 +14,7 @@
 //! evicted at once (llama.cpp's context shift batches the same way); `step=1` is the paper's
 //! schedule exactly. Prompt chunks are always cut back to sinks + window.
 
-use super::policy::{AfterChunk, KvPolicy, Phase, Shape};
+use super::policy::{AfterChunk, Budget, KvPolicy, Phase, Shape};
 use super::{AttentionObserver, KvCache};
 use crate::spec::{Params, SpecPart};
 use crate::{Error, Result};
@@ -22,6 +22,9 @@ use crate::{Error, Result};
 pub struct Streaming {
     sinks: usize,
     window: usize,
+    /// `ratio=R`: the cache (sinks included) keeps this fraction of each prefill's input, the
+    /// window resolved when the input's length is known.
+    ratio: Option<Budget>,
     /// Decoded tokens the cache may hold past the window before an eviction.
     step: usize,
 }
@@ -29,21 +32,32 @@ pub struct Streaming {
 pub fn build(part: &SpecPart, _: &Shape) -> Result<Box<dyn KvPolicy>> {
     let mut params = Params::new(part);
     let sinks = params.get("sinks", 4usize)?;
-    let window = match params.optional::<usize>("window")? {
-        Some(w) => w,
-        // A budget names the whole cache, sinks included, like the other policies' budgets.
-        None => match params.optional::<usize>("budget")? {
-            Some(b) if b > sinks => b - sinks,
-            Some(b) => {
-                return Err(Error::InvalidOption(format!(
-                    "`streaming:budget={b}` leaves no room after its {sinks} sink tokens"
-                )))
-            }
-            None => 2044,
-        },
+    let window = params.optional::<usize>("window")?;
+    let given = |key: &str| part.params.iter().any(|(k, _)| k == key);
+    let budget = if given("budget") || given("ratio") {
+        if window.is_some() {
+            return Err(Error::InvalidOption(
+                "`streaming` takes `window=N` or a budget (`budget=N`, `ratio=R`), not both".into(),
+            ));
+        }
+        Some(Budget::from_params(&mut params, "streaming")?)
+    } else {
+        None
     };
     let step = params.get("step", 64usize)?;
-    params.finish(&["sinks", "window", "budget", "step"])?;
+    params.finish(&["sinks", "window", "budget", "ratio", "step"])?;
+    let (window, ratio) = match (window, budget) {
+        (Some(w), _) => (w, None),
+        // A budget names the whole cache, sinks included, like the other policies' budgets.
+        (None, Some(Budget::Tokens(b))) if b > sinks => (b - sinks, None),
+        (None, Some(Budget::Tokens(b))) => {
+            return Err(Error::InvalidOption(format!(
+                "`streaming:budget={b}` leaves no room after its {sinks} sink tokens"
+            )))
+        }
+        (None, Some(ratio)) => (usize::MAX, Some(ratio)),
+        (None, None) => (2044, None),
+    };
     if window == 0 {
         return Err(Error::InvalidOption(
             "`streaming:window=0` keeps no recent token; the window must be at least 1".into(),
@@ -58,6 +72,7 @@ pub fn build(part: &SpecPart, _: &Shape) -> Result<Box<dyn KvPolicy>> {
     Ok(Box::new(Streaming {
         sinks,
         window,
+        ratio,
         step,
     }))
 }
@@ -69,16 +84,32 @@ impl Streaming {
             .chain(len.saturating_sub(self.window).max(self.sinks)..len)
             .collect()
     }
+
+    /// The window for an input of `tokens`: the fixed one, or what the ratio leaves after the
+    /// sinks (at least one token).
+    fn window_for(&self, tokens: usize) -> usize {
+        match self.ratio {
+            Some(ratio) => ratio.resolve(tokens).saturating_sub(self.sinks).max(1),
+            None => self.window,
+        }
+    }
 }
 
 impl AttentionObserver for Streaming {}
 
 impl KvPolicy for Streaming {
     fn spec(&self) -> String {
-        format!(
-            "streaming:sinks={},window={},step={}",
-            self.sinks, self.window, self.step
-        )
+        match self.ratio {
+            Some(ratio) => format!("streaming:sinks={},{ratio},step={}", self.sinks, self.step),
+            None => format!(
+                "streaming:sinks={},window={},step={}",
+                self.sinks, self.window, self.step
+            ),
+        }
+    }
+
+    fn begin(&mut self, tokens: usize) {
+        self.window = self.window_for(tokens);
     }
 
     fn after_chunk(&mut self, cache: &mut KvCache, step: &AfterChunk) -> Option<i32> {
@@ -101,7 +132,7 @@ impl KvPolicy for Streaming {
     }
 
     fn peak_slots(&self, prompt: usize, chunk: usize, generated: usize) -> usize {
-        let budget = self.sinks + self.window;
+        let budget = self.sinks + self.window_for(prompt);
         let decode = (prompt.min(budget) + generated).min(budget + self.step);
         prompt.min(budget + chunk).max(decode)
     }
@@ -118,6 +149,7 @@ mod tests {
         let mut p = Streaming {
             sinks: 2,
             window: 3,
+            ratio: None,
             step: 1,
         };
         assert_eq!(p.kept(10), [0, 1, 7, 8, 9]);
@@ -167,6 +199,7 @@ mod tests {
         let mut p = Streaming {
             sinks: 2,
             window: 3,
+            ratio: None,
             step: 4,
         };
         let mut cache = KvCache::new(KvDtype::F32, 1, 1, 4, 16);
@@ -188,11 +221,37 @@ mod tests {
         assert_eq!(p.after_chunk(&mut cache, &step(Phase::Prefill)), Some(5));
     }
 
+    /// `ratio=R` keeps that fraction of each prefill's input, sinks included, as the other
+    /// policies' ratios do; a window and a budget together are refused.
+    #[test]
+    fn a_ratio_resolves_against_the_input() {
+        use super::super::policy::testing::{build, refusal};
+        let mut p = build("streaming:ratio=0.25").unwrap();
+        assert_eq!(p.spec(), "streaming:sinks=4,ratio=0.25,step=64");
+        assert_eq!(p.peak_slots(1000, 100, 0), 250 + 100);
+        p.begin(1000);
+        let mut cache = KvCache::new(KvDtype::F32, 1, 1, 4, 1024);
+        cache.push_slots(&(0..1000).collect::<Vec<i32>>()).unwrap();
+        let step = AfterChunk {
+            phase: Phase::Prefill,
+            guide: false,
+            next_position: 1000,
+            frequencies: &[1.0, 1.0],
+            rope_style: RopeStyle::Normal,
+        };
+        assert_eq!(p.after_chunk(&mut cache, &step), Some(250));
+        assert_eq!(cache.positions(0, 0).len(), 250);
+        assert!(refusal("streaming:window=8,ratio=0.5").contains("not both"));
+        assert!(refusal("streaming:ratio=1.5").contains("(0, 1]"));
+        assert!(refusal("streaming:budget=4").contains("no room"));
+    }
+
     #[test]
     fn a_window_covering_the_input_keeps_everything_in_place() {
         let mut p = Streaming {
             sinks: 4,
             window: 100,
+            ratio: None,
             step: 1,
         };
         let mut cache = KvCache::new(KvDtype::F32, 1, 1, 4, 16);
