@@ -7,9 +7,10 @@
 # `cargo build --release`; `STAGE=baseline|extension|kv` runs one part, `QUICK=1` only the
 # depths 0/50/100 of each part (what this machine measured first).
 #
-# Cost on 2 idle cores (Intel Xeon, AVX-512), measured: a 1k case ~7 s, 4k ~13 s, 8k ~30 s,
-# 16k ~70 s, 32k ~3 min; estimated: 64k ~14 min, 128k ~50 min (the 3 global layers' attention
-# grows with the square). Anything else running on the machine multiplies these.
+# Cost on 2 idle cores (Intel Xeon, AVX-512), measured before the 2026-12-07 kernels: a 1k case
+# ~7 s, 4k ~13 s, 8k ~30 s, 16k ~70 s, 32k ~3 min; with them (32k prefill 2x faster) estimated
+# 32k ~2.5 min, 64k ~6 min, 128k ~17 min (the 3 global layers' attention grows with the square).
+# Anything else running on the machine multiplies these.
 set -e
 LONGCTX=${LONGCTX:-target/release/longctx}
 MODEL=${MODEL:-gemma3}
