@@ -1566,6 +1566,54 @@ mod tests {
         assert!(worst > 0.0, "the quantized slots were read");
     }
 
+    /// The AVX2 one-row kernels, which CPUs without AVX-512 run in every block (this one runs
+    /// the group kernels), against the scalar order: scores of 8 keys per tree and a tail, and
+    /// p·V sums in 16 and 64 lanes.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_row_kernels_follow_the_scalar_order() {
+        if !crate::quant::has_avx2() {
+            return;
+        }
+        let mut rng = 0x7f4a_7c15u32;
+        let mut next = || {
+            rng = rng.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ((rng >> 8) as f32 / (1 << 24) as f32 - 0.5) * 16.0
+        };
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for d in [64usize, 256] {
+            let n = 29;
+            let q: Vec<f32> = (0..d).map(|_| next()).collect();
+            let keys: Vec<f32> = (0..n * d).map(|_| next()).collect();
+            let p: Vec<f32> = (0..n).map(|_| next().abs() / 8.0).collect();
+            let want: Vec<f32> = (0..n)
+                .map(|j| dot_lanes(16, d, |i| q[i], |i| keys[j * d + i], true) * 0.125)
+                .collect();
+            let mut got = vec![0f32; n];
+            // SAFETY: the CPU has AVX2 and FMA; `keys` holds `n` rows of `d`, `d % 16 == 0`.
+            unsafe { simd::scores16(&q, &keys, d, 0.125, &mut got) };
+            assert_eq!(bits(&got), bits(&want), "scores, d={d}");
+            for lanes in [16usize, 64] {
+                let mut want = vec![0f32; lanes * d];
+                for (j, &pj) in p.iter().enumerate() {
+                    let row = &mut want[(j % lanes) * d..(j % lanes + 1) * d];
+                    for (o, &x) in row.iter_mut().zip(&keys[j * d..(j + 1) * d]) {
+                        *o = x.mul_add(pj, *o);
+                    }
+                }
+                let mut got = vec![0f32; lanes * d];
+                // SAFETY: as above, `d % 64 == 0`, `got` holds `lanes` rows.
+                unsafe {
+                    match lanes {
+                        16 => simd::accumulate::<16>(&keys, &p, d, &mut got),
+                        _ => simd::accumulate::<64>(&keys, &p, d, &mut got),
+                    }
+                }
+                assert_eq!(bits(&got), bits(&want), "p·V, d={d}, {lanes} lanes");
+            }
+        }
+    }
+
     #[test]
     fn simd_and_scalar_orders_agree_bit_for_bit() {
         let mut rng = 0x9e37_79b9u32;
