@@ -1,4 +1,4 @@
-//! AVX-512 kernels for [`super::attention::attend_block`]: a group of up to [`GROUP`] query rows
+//! AVX-512 kernels for [`super::attention::attend_block`]: a group of up to four query rows
 //! that see the same slots (the query heads sharing a KV head, at one token) scored and summed
 //! together, with the arithmetic of the one-row kernels, bit for bit.
 //!
@@ -12,9 +12,6 @@
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
-
-/// Rows scored together: four rows times four keys fill 16 of the 32 zmm registers.
-pub const GROUP: usize = 4;
 
 /// Keys per pass of [`scores16`].
 const KEYS: usize = 4;

@@ -145,6 +145,14 @@ macro_rules! block_kernels {
             _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
         }
 
+        /// The 32 unsigned codes 0..31 of the Q5_0 block at `b`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn q5_codes(b: *const u8) -> __m256i {
+            let high = _mm256_and_si256(high_bits(b.add(2)), _mm256_set1_epi8(0x10));
+            _mm256_or_si256(unpack_nibbles(b.add(6)), high)
+        }
+
         /// d and m of a Q4_1/Q5_1 block: adjacent f16s, one conversion for both.
         #[inline]
         #[target_feature(enable = $features)]
@@ -283,8 +291,7 @@ macro_rules! block_kernels {
                 let b = wp.add(i * wb);
                 let dw = _mm256_set1_ps(half(b));
                 if Q5 {
-                    let high = _mm256_and_si256(high_bits(b.add(2)), _mm256_set1_epi8(0x10));
-                    let codes = _mm256_or_si256(unpack_nibbles(b.add(6)), high);
+                    let codes = q5_codes(b);
                     for r in 0..N {
                         let x = rows[r];
                         let q = _mm256_loadu_si256(x.qs.add(32 * i).cast());
@@ -389,14 +396,10 @@ mod vnni {
         const WB: usize = 22;
         assert!(w.iter().all(|w| w.len() >= cols / 32 * WB));
         let rows = a.map(|a| Row::new(a, cols));
-        let codes = |b: *const u8| {
-            let high = _mm256_and_si256(high_bits(b.add(2)), _mm256_set1_epi8(0x10));
-            _mm256_or_si256(unpack_nibbles(b.add(6)), high)
-        };
         let mut acc = [_mm512_setzero_ps(); N];
         for i in 0..cols / 32 {
             let (b0, b1) = (w[0].as_ptr().add(i * WB), w[1].as_ptr().add(i * WB));
-            let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(codes(b0)), codes(b1));
+            let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q5_codes(b0)), q5_codes(b1));
             let dw = _mm512_shuffle_f32x4::<0b01_00_01_00>(
                 _mm512_set1_ps(half(b0)),
                 _mm512_set1_ps(half(b1)),
