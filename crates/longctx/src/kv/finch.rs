@@ -191,6 +191,7 @@ mod tests {
             n_head: 1,
             n_kv_head: 1,
             head_dim: 4,
+            local: Vec::new(),
         };
         Finch::new(&mut params, &shape).unwrap()
     }

@@ -609,6 +609,7 @@ mod tests {
             n_head: 9,
             n_kv_head: 3,
             head_dim: 64,
+            local: Vec::new(),
         };
         let heads = shape.n_layer * shape.n_kv_head;
         for (bits, bytes) in [(8, 12_960), (4, 7_200), (2, 4_320)] {

@@ -23,6 +23,15 @@ pub struct Observers<'a> {
 }
 
 impl Observers<'_> {
+    /// The observers of one layer: the policy hears only of the layers it compresses, so that
+    /// sliding-window layers (which no policy compresses) cost it no work.
+    pub fn of_layer(self, compressed: bool) -> Self {
+        Self {
+            policy: self.policy.filter(|_| compressed),
+            ..self
+        }
+    }
+
     /// What the attention kernel is handed: None when nobody observes, so that it never asks.
     pub fn get(&self) -> Option<&dyn AttentionObserver> {
         match (self.policy, self.external) {
@@ -46,5 +55,37 @@ impl AttentionObserver for Observers<'_> {
                 o.observe(layer, head, kv_head, position, w);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Everything;
+
+    impl AttentionObserver for Everything {
+        fn wants(&self, _: usize, _: i32) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_local_layer_is_shown_to_the_caller_but_not_to_the_policy() {
+        let (policy, external) = (Everything, Everything);
+        let both = Observers {
+            policy: Some(&policy),
+            external: Some(&external),
+        };
+        let local = both.of_layer(false);
+        assert!(local.policy.is_none() && local.external.is_some());
+        let global = both.of_layer(true);
+        assert!(global.policy.is_some() && global.external.is_some());
+        let policy_only = Observers {
+            policy: Some(&policy),
+            external: None,
+        };
+        assert!(policy_only.of_layer(false).get().is_none());
+        assert!(policy_only.of_layer(true).get().is_some());
     }
 }

@@ -15,13 +15,16 @@ use crate::positions::RopeStyle;
 use crate::spec::Params;
 use crate::{Error, Result};
 
-/// What a policy needs to know of the model: the cache's shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a policy needs to know of the model: the cache's shape, and which layers attend only a
+/// sliding window (a policy never compresses those: their window already bounds them).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shape {
     pub n_layer: usize,
     pub n_head: usize,
     pub n_kv_head: usize,
     pub head_dim: usize,
+    /// One entry per layer, true where it is local; empty where no layer is.
+    pub local: Vec<bool>,
 }
 
 impl Shape {
@@ -31,7 +34,13 @@ impl Shape {
             n_head: config.n_head,
             n_kv_head: config.n_kv_head,
             head_dim: config.head_dim,
+            local: (0..config.n_layer).map(|l| config.is_local(l)).collect(),
         }
+    }
+
+    /// Whether a policy compresses `layer`: every layer but the local ones.
+    pub fn is_compressed(&self, layer: usize) -> bool {
+        !self.local.get(layer).copied().unwrap_or(false)
     }
 
     /// A small shape for unit tests: 2 layers, 4 query heads over 2 KV heads of size 4.
@@ -42,6 +51,7 @@ impl Shape {
             n_head: 4,
             n_kv_head: 2,
             head_dim: 4,
+            local: Vec::new(),
         }
     }
 }

@@ -14,6 +14,10 @@
 //!
 //! With chunked prefill the budgets are those of the whole prompt, and every chunk that leaves a
 //! layer above its budget is voted on by its last `window` queries, as SnapKV does here.
+//!
+//! On a model with sliding-window layers (Gemma 3: 3 of 18 layers see everything) the pyramid
+//! slopes over the layers a policy compresses, in their order, so that their mean is still the
+//! budget asked for; sloping over all layers would leave Gemma's 3 global layers 72% of it.
 
 use super::policy::{bounded_peak, AfterChunk, Budget, ChunkInfo, KvPolicy, Shape};
 use super::snapkv::SnapKv;
@@ -25,7 +29,9 @@ pub struct PyramidKv {
     snap: SnapKv,
     beta: usize,
     n_layer: usize,
-    /// Tokens each layer keeps, resolved for the current prompt.
+    /// The layers the pyramid slopes over, top to bottom: all but the sliding-window ones.
+    compressed: Vec<usize>,
+    /// Tokens each layer keeps, resolved for the current prompt (a local layer's is unused).
     budgets: Vec<usize>,
 }
 
@@ -52,12 +58,15 @@ impl PyramidKv {
             snap,
             beta,
             n_layer: shape.n_layer,
+            compressed: (0..shape.n_layer)
+                .filter(|&l| shape.is_compressed(l))
+                .collect(),
             budgets: Vec::new(),
         })
     }
 
-    /// Tokens each layer keeps out of a prompt of `tokens`: kvpress's formula, in its order of
-    /// operations so that the floats round alike.
+    /// Tokens each layer keeps out of a prompt of `tokens`: kvpress's formula over the
+    /// compressed layers, in its order of operations so that the floats round alike.
     fn layer_budgets(&self, tokens: usize) -> Vec<usize> {
         let q_len = tokens as f64;
         let window = self.snap.window as f64;
@@ -72,15 +81,24 @@ impl PyramidKv {
             max_num = q_len - window;
             min_num = (max_capacity - window) * 2.0 - max_num;
         }
+        let even = (kept.round_ties_even() as usize).max(1);
+        let mut budgets = vec![even; self.n_layer];
         // kvpress divides by `L − 1` layers; one layer has nothing to slope over.
         let ordered = q_len >= max_num && max_num >= min_num && min_num >= window;
-        if !ordered || self.n_layer < 2 {
-            return vec![(kept.round_ties_even() as usize).max(1); self.n_layer];
+        let sloped = self.compressed.len();
+        if !ordered || sloped < 2 {
+            return budgets;
         }
-        let steps = (max_num - min_num) / (self.n_layer - 1) as f64;
-        (0..self.n_layer)
-            .map(|layer| (max_num - layer as f64 * steps).round_ties_even() as usize)
-            .collect()
+        let steps = (max_num - min_num) / (sloped - 1) as f64;
+        for (rank, &layer) in self.compressed.iter().enumerate() {
+            budgets[layer] = (max_num - rank as f64 * steps).round_ties_even() as usize;
+        }
+        budgets
+    }
+
+    /// The budgets of the layers that keep one.
+    fn compressed_budgets<'a>(&'a self, budgets: &'a [usize]) -> impl Iterator<Item = usize> + 'a {
+        self.compressed.iter().map(|&layer| budgets[layer])
     }
 }
 
@@ -113,7 +131,7 @@ impl KvPolicy for PyramidKv {
     fn before_chunk(&mut self, chunk: &ChunkInfo) {
         // The fullest layer holds `cache_len_after`; the vote is needed as soon as it overflows
         // the smallest budget (the last layer's).
-        self.snap.observing = match self.budgets.iter().copied().min() {
+        self.snap.observing = match self.compressed_budgets(&self.budgets).min() {
             Some(least) => chunk.voters(least, self.snap.window),
             None => 0..0,
         };
@@ -129,7 +147,8 @@ impl KvPolicy for PyramidKv {
     }
 
     fn peak_slots(&self, prompt: usize, chunk: usize, generated: usize) -> usize {
-        let most = self.layer_budgets(prompt).into_iter().max().unwrap_or(0);
+        let budgets = self.layer_budgets(prompt);
+        let most = self.compressed_budgets(&budgets).max().unwrap_or(0);
         bounded_peak(most, prompt, chunk, generated, false)
     }
 
@@ -147,13 +166,19 @@ mod tests {
     use crate::spec::Spec;
 
     fn pyramid(spec: &str, n_layer: usize) -> PyramidKv {
+        pyramid_over(spec, &vec![false; n_layer])
+    }
+
+    /// A pyramid for layers of which those marked `local` slide.
+    fn pyramid_over(spec: &str, local: &[bool]) -> PyramidKv {
         let spec: Spec = spec.parse().unwrap();
         let mut params = Params::new(&spec.parts[0]);
         let shape = Shape {
-            n_layer,
+            n_layer: local.len(),
             n_head: 1,
             n_kv_head: 1,
             head_dim: 4,
+            local: local.to_vec(),
         };
         PyramidKv::new(&mut params, &shape).unwrap()
     }
@@ -178,6 +203,17 @@ mod tests {
         assert_eq!(p.layer_budgets(4000), [1938, 62]);
         // One layer has no slope: the budget itself.
         assert_eq!(pyramid("pyramid:ratio=0.25", 1).layer_budgets(4000), [1000]);
+    }
+
+    #[test]
+    fn on_a_hybrid_model_the_pyramid_slopes_over_the_global_layers() {
+        // Gemma 3 270M: 18 layers, 5, 11 and 17 global. Three sloped layers at L = 4000,
+        // B = 1000: steps = 1900/2 = 950, so 1950, 1000, 50, whose mean is B.
+        let local: Vec<bool> = (0..18).map(|l| l % 6 != 5).collect();
+        let p = pyramid_over("pyramid:ratio=0.25", &local);
+        let budgets = p.layer_budgets(4000);
+        assert_eq!([budgets[5], budgets[11], budgets[17]], [1950, 1000, 50]);
+        assert_eq!(p.peak_slots(4000, 512, 0), 1950 + 512);
     }
 
     #[test]

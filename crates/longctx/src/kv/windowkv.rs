@@ -78,6 +78,8 @@ pub struct WindowKv {
     score: Score,
     /// Tokens kept, resolved for the current prompt.
     keep: usize,
+    /// Per layer, whether it votes for its group: the group's first compressed layer.
+    voters: Vec<bool>,
     /// Positions whose queries vote in the current chunk (empty: no vote).
     observing: std::ops::Range<i32>,
     votes: AttentionSums,
@@ -107,12 +109,20 @@ impl WindowKv {
                  the kept windows and the groups of layers need at least 1 each"
             )));
         }
+        let mut voters = vec![false; shape.n_layer];
+        for start in (0..shape.n_layer).step_by(group) {
+            let end = (start + group).min(shape.n_layer);
+            if let Some(first) = (start..end).find(|&l| shape.is_compressed(l)) {
+                voters[first] = true;
+            }
+        }
         Ok(Self {
             budget,
             window,
             size,
             group,
             score,
+            voters,
             keep: 0,
             observing: 0..0,
             votes: AttentionSums::new(shape.n_layer, shape.n_kv_head),
@@ -140,7 +150,7 @@ impl WindowKv {
 
 impl AttentionObserver for WindowKv {
     fn wants(&self, layer: usize, position: i32) -> bool {
-        layer.is_multiple_of(self.group) && self.observing.contains(&position)
+        self.voters.get(layer) == Some(&true) && self.observing.contains(&position)
     }
 
     fn observe(&self, layer: usize, _head: usize, kv_head: usize, _: i32, weights: &[f32]) {
@@ -217,18 +227,25 @@ mod tests {
     use crate::kv::KvDtype;
     use crate::spec::Spec;
 
-    /// Four layers of two query heads, each its own KV head.
-    const SHAPE: Shape = Shape {
-        n_layer: 4,
-        n_head: 2,
-        n_kv_head: 2,
-        head_dim: 4,
-    };
+    /// Four layers of two query heads, each its own KV head; `local` marks sliding layers.
+    fn shape(local: &[bool]) -> Shape {
+        Shape {
+            n_layer: 4,
+            n_head: 2,
+            n_kv_head: 2,
+            head_dim: 4,
+            local: local.to_vec(),
+        }
+    }
 
     fn windowkv(spec: &str) -> WindowKv {
+        windowkv_for(spec, &shape(&[]))
+    }
+
+    fn windowkv_for(spec: &str, shape: &Shape) -> WindowKv {
         let spec: Spec = spec.parse().unwrap();
         let mut params = Params::new(&spec.parts[0]);
-        WindowKv::new(&mut params, &SHAPE).unwrap()
+        WindowKv::new(&mut params, shape).unwrap()
     }
 
     // Ten slots, the last one observing; windows of 2 cut [0,1] [2,3] [4,5] [6,7], slot 8 is
@@ -307,6 +324,43 @@ mod tests {
                 "its group's next layer"
             );
         }
+    }
+
+    #[test]
+    fn on_a_hybrid_model_the_first_compressed_layer_of_a_group_votes() {
+        // Gemma 3's pattern in small: layers 0 and 2 slide over 4 tokens, 1 and 3 see all.
+        let local = [true, false, true, false];
+        let mut p = windowkv_for(
+            "windowkv:budget=6,window=1,size=2,group=2,score=avg",
+            &shape(&local),
+        );
+        p.begin(10);
+        let windows = local.map(|l| l.then_some(4));
+        let mut cache = KvCache::with_windows(KvDtype::F32, 2, 4, 16, &windows, 16);
+        cache.push_slots(&(0..10).collect::<Vec<i32>>()).unwrap();
+        p.before_chunk(&testing::chunk(Phase::PrefillEnd, 0, 10, 0));
+        assert!(p.wants(1, 9) && p.wants(3, 9));
+        assert!(!p.wants(0, 9) && !p.wants(2, 9));
+        p.observe(1, 0, 0, 9, &VOTES);
+        p.observe(
+            1,
+            1,
+            1,
+            9,
+            &[0.3, 0.2, 0.0, 0.1, 0.4, 0.4, 0.0, 0.0, 0.0, 0.1],
+        );
+        p.observe(3, 0, 0, 9, &VOTES);
+        p.observe(3, 1, 1, 9, &VOTES);
+        p.after_chunk(&mut cache, &testing::after(Phase::PrefillEnd, 10));
+        assert_eq!(cache.positions(1, 0), [2, 3, 6, 7, 8, 9]);
+        assert_eq!(cache.positions(1, 1), [0, 1, 4, 5, 8, 9]);
+        assert_eq!(cache.positions(3, 1), [2, 3, 6, 7, 8, 9]);
+        let local_len = cache.layer_len(0);
+        assert_eq!(
+            local_len,
+            cache.layer_len(2),
+            "local layers keep their window"
+        );
     }
 
     #[test]

@@ -591,6 +591,7 @@ fn self_attention(
         far: far.map(|far| (far.map, &far.q[..t * qd])),
         window: c.window(layer),
     };
+    let observers = seq.observers.of_layer(!c.is_local(layer));
     attention(
         c,
         pool,
@@ -598,7 +599,7 @@ fn self_attention(
         input,
         &mut b.att[rows.start * qd..rows.end * qd],
         &s.scores,
-        seq.observers.get(),
+        observers.get(),
     );
 }
 
