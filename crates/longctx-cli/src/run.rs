@@ -82,13 +82,18 @@ pub fn main(args: Args) -> Result<()> {
     let mut sampler = Sampler::new(params)?;
 
     let model = args.model.load()?;
-    let text = if args.chat {
-        render_chat(&model, text)?
-    } else {
-        text
+    let prompt = match chat_template(&model, args.chat)? {
+        // The message is text: `<|im_start|>` typed in it stays text, as in the server.
+        Some(template) => {
+            let message = ChatMessage {
+                role: "user".to_string(),
+                content: text,
+            };
+            model.tokenizer.encode_chat(&template, &[message], true)?
+        }
+        // Special-token text becomes the token, as in llama.cpp, and as `longctx tokenize` shows.
+        None => model.tokenizer.encode(&text, true, true)?,
     };
-    // Special-token text becomes the token, as in llama.cpp, and as `longctx tokenize` shows.
-    let prompt = model.tokenizer.encode(&text, true, true)?;
     let n_ctx = args
         .ctx
         .unwrap_or_else(|| (prompt.len() + args.max_tokens).min(model.trained_ctx()));
@@ -113,21 +118,24 @@ pub fn main(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn render_chat(model: &Model, text: String) -> Result<String> {
+/// The model's chat template when `--chat` asks for it and the model has one.
+fn chat_template(model: &Model, chat: bool) -> Result<Option<ChatTemplate>> {
+    if !chat {
+        return Ok(None);
+    }
     let Some(source) = &model.chat_template else {
         eprintln!(
             "note: the model has no chat template (a base model, not instruction-tuned): --chat is ignored and the prompt runs as plain text"
         );
-        return Ok(text);
+        return Ok(None);
     };
     let tok = &model.tokenizer;
     let token_text = |id: Option<u32>| id.and_then(|id| tok.token_text(id)).unwrap_or("");
-    let template = ChatTemplate::new(source, token_text(tok.bos()), token_text(tok.eos()))?;
-    let messages = [ChatMessage {
-        role: "user".to_string(),
-        content: text,
-    }];
-    Ok(template.render(&messages, true)?)
+    Ok(Some(ChatTemplate::new(
+        source,
+        token_text(tok.bos()),
+        token_text(tok.eos()),
+    )?))
 }
 
 /// Stdout that flushes every piece, so text appears as it is generated, and remembers the first

@@ -104,6 +104,14 @@ pub struct TokenizeRequest {
     pub add_special: bool,
     #[serde(default)]
     pub with_pieces: bool,
+    /// Special-token text (`<|im_start|>`) becomes the token; false keeps it text. llama-server's
+    /// field and default.
+    #[serde(default = "yes")]
+    pub parse_special: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]

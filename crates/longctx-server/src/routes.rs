@@ -159,7 +159,7 @@ async fn tokenize(State(state): Shared, raw: Result<Bytes, BytesRejection>) -> R
     let result = body(raw, state.body_limit).and_then(|b| {
         let request: api::TokenizeRequest = api::parse(&b)?;
         let tok = &state.model.tokenizer;
-        let ids = tok.encode(&request.content, request.add_special, true)?;
+        let ids = tok.encode(&request.content, request.add_special, request.parse_special)?;
         if request.with_pieces {
             let pieces: Vec<Value> = ids
                 .iter()
@@ -295,8 +295,8 @@ fn prepare(state: &AppState, body: &[u8], endpoint: Endpoint) -> Result<Prepared
                 }
                 _ => None,
             };
-            let text = render_chat(state, &request.messages)?;
-            (common, tok.encode(&text, true, true)?, logprobs)
+            let ids = encode_chat(state, &request.messages)?;
+            (common, ids, logprobs)
         }
         Endpoint::Completion => {
             let (request, common): (CompletionRequest, Common) = api::parse_generation(body)?;
@@ -388,7 +388,7 @@ fn in_range(value: i64, low: i64, high: i64, param: &str) -> Result<usize, ApiEr
     }
 }
 
-fn render_chat(state: &AppState, messages: &[api::Message]) -> Result<String, ApiError> {
+fn encode_chat(state: &AppState, messages: &[api::Message]) -> Result<Vec<u32>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid_param(
             "messages",
@@ -414,7 +414,10 @@ fn render_chat(state: &AppState, messages: &[api::Message]) -> Result<String, Ap
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    Ok(template.render(&messages, true)?)
+    Ok(state
+        .model
+        .tokenizer
+        .encode_chat(template, &messages, true)?)
 }
 
 /// The server's options with the request's `longctx` overrides, parsed.

@@ -26,6 +26,21 @@ pub struct ChatTemplate {
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// A conversation rendered for the model, with the byte ranges of `text` that are the
+/// messages' own text: those are tokenized as plain text, the rest (the template's markers) with
+/// special tokens parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedChat {
+    pub text: String,
+    pub messages: Vec<std::ops::Range<usize>>,
+}
+
+/// The whitespace and the mark of a message's placeholder ([`Placeholders`]).
+/// Em space and ideographic space: whitespace to Python's `strip` and Rust's `trim`, and
+/// escaped by no JSON writer (U+2028/2029 are, by some).
+const PAD: &str = "\u{2003}\u{3000}";
+const MARK: char = '\u{E000}';
+
 fn template_error(e: minijinja::Error) -> Error {
     // The detail alone reads better than minijinja's kind prefix when a template raises on purpose.
     let message = match (e.kind(), e.detail()) {
@@ -70,6 +85,163 @@ impl ChatTemplate {
             })
             .map_err(template_error)
     }
+}
+
+impl ChatTemplate {
+    /// [`ChatTemplate::render`], with where each message's text lies in the result, so that
+    /// only the template's own text is searched for special tokens. The template renders once
+    /// with a placeholder for each message, which gives its text apart from the messages'; each
+    /// message then goes where its placeholder went, as the template treated it: stripped or as
+    /// it is, or else (`tojson`, escaping) rendered alone among placeholders and cut out between
+    /// the template's text before and after it. The result must equal [`ChatTemplate::render`]'s
+    /// text, or the conversation is refused: a message is never searched for where it ends.
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<RenderedChat> {
+        let real = self.render(messages, add_generation_prompt)?;
+        let marks = Placeholders::new();
+        let marked = self.render(&marks.stand_in(messages, None), add_generation_prompt)?;
+        let slots = marks.find(&marked, messages.len())?;
+        let chat = assemble(&marked, &slots, |slot| {
+            let mut content = messages[slot.index].content.as_str();
+            if !slot.kept_before {
+                content = content.trim_start();
+            }
+            if !slot.kept_after {
+                content = content.trim_end();
+            }
+            content
+        });
+        if chat.text == real {
+            return Ok(chat);
+        }
+        let mut alone = vec![String::new(); messages.len()];
+        for (i, text) in alone.iter_mut().enumerate() {
+            let mut at = slots.iter().filter(|s| s.index == i);
+            let (Some(slot), None) = (at.next(), at.next()) else {
+                continue;
+            };
+            let rendered =
+                self.render(&marks.stand_in(messages, Some(i)), add_generation_prompt)?;
+            let (head, tail) = (&marked[..slot.range.start], &marked[slot.range.end..]);
+            if rendered.len() < head.len() + tail.len()
+                || !rendered.starts_with(head)
+                || !rendered.ends_with(tail)
+            {
+                return Err(unfollowable());
+            }
+            *text = rendered[head.len()..rendered.len() - tail.len()].to_string();
+        }
+        let chat = assemble(&marked, &slots, |slot| alone[slot.index].as_str());
+        if chat.text == real {
+            Ok(chat)
+        } else {
+            Err(unfollowable())
+        }
+    }
+}
+
+/// Where a message's placeholder went in the rendered template.
+struct Slot {
+    index: usize,
+    /// The placeholder's bytes, with what the template left of its pads.
+    range: std::ops::Range<usize>,
+    kept_before: bool,
+    kept_after: bool,
+}
+
+/// `PAD MARK nonce:i MARK PAD` for message i. The pads are whitespace, so a template that strips
+/// a message strips them too, which tells how to place the message; the private-use marks and
+/// the nonce, random per conversation, cannot be sent by a client, who never sees them.
+struct Placeholders {
+    opening: String,
+}
+
+impl Placeholders {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let nonce = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Self {
+            opening: format!("{MARK}{nonce}:"),
+        }
+    }
+
+    /// The messages with placeholders for their text, but message `real`'s own.
+    fn stand_in(&self, messages: &[ChatMessage], real: Option<usize>) -> Vec<ChatMessage> {
+        let opening = &self.opening;
+        messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ChatMessage {
+                role: m.role.clone(),
+                content: if real == Some(i) {
+                    m.content.clone()
+                } else {
+                    format!("{PAD}{opening}{i}{MARK}{PAD}")
+                },
+            })
+            .collect()
+    }
+
+    fn find(&self, marked: &str, messages: usize) -> Result<Vec<Slot>> {
+        let mut slots = Vec::new();
+        let mut from = 0;
+        while let Some(found) = marked[from..].find(&self.opening) {
+            let at = from + found;
+            let number = at + self.opening.len();
+            let (digits, _) = marked[number..].split_once(MARK).ok_or_else(unfollowable)?;
+            let index = digits
+                .parse::<usize>()
+                .ok()
+                .filter(|&i| i < messages)
+                .ok_or_else(unfollowable)?;
+            let end = number + digits.len() + MARK.len_utf8();
+            let kept_before = marked[..at].ends_with(PAD);
+            let kept_after = marked[end..].starts_with(PAD);
+            let start = if kept_before { at - PAD.len() } else { at };
+            let stop = if kept_after { end + PAD.len() } else { end };
+            slots.push(Slot {
+                index,
+                range: start..stop,
+                kept_before,
+                kept_after,
+            });
+            from = stop;
+        }
+        Ok(slots)
+    }
+}
+
+/// The template's text with each slot's message text in place, and where each lies.
+fn assemble<'a>(marked: &str, slots: &[Slot], content: impl Fn(&Slot) -> &'a str) -> RenderedChat {
+    let mut text = String::with_capacity(marked.len());
+    let mut spans = Vec::with_capacity(slots.len());
+    let mut from = 0;
+    for slot in slots {
+        text.push_str(&marked[from..slot.range.start]);
+        let piece = content(slot);
+        spans.push(text.len()..text.len() + piece.len());
+        text.push_str(piece);
+        from = slot.range.end;
+    }
+    text.push_str(&marked[from..]);
+    RenderedChat {
+        text,
+        messages: spans,
+    }
+}
+
+fn unfollowable() -> Error {
+    Error::ChatTemplate(
+        "this chat template changes the messages' text (cuts or rewrites it), so longctx \
+         cannot keep the text apart from the template's special tokens; send the prompt as raw \
+         text instead (/v1/completions, or `run` without --chat)"
+            .into(),
+    )
 }
 
 /// HF templates call this to reject conversations they cannot format.
@@ -245,6 +417,66 @@ mod tests {
             t.render(&[], false).unwrap(),
             "{\"a\": [1, 2.0, null, true], \"b\": \"x<\\\"y\\\">\u{e9}\\n\"}|[\n  1,\n  [\n    2\n  ]\n]"
         );
+    }
+
+    #[test]
+    fn render_chat_places_each_message_as_the_template_treats_it() {
+        // Stripped, repeated, dropped, and as is: the system text goes in twice, stripped.
+        let source = "{% for m in messages %}<{{ m.role }}>{% if m.role == 'system' %}\
+            {{ m.content | trim }}|{{ m.content.strip() }}{% elif m.role == 'user' %}\
+            {{ m.content }}{% endif %}</>{% endfor %}";
+        let t = ChatTemplate::new(source, "", "").unwrap();
+        let msgs = messages(&[
+            ("system", "  be brief  "),
+            ("user", " <hi> "),
+            ("assistant", "dropped"),
+        ]);
+        let chat = t.render_chat(&msgs, false).unwrap();
+        assert_eq!(chat.text, t.render(&msgs, false).unwrap());
+        assert_eq!(
+            chat.text,
+            "<system>be brief|be brief</><user> <hi> </><assistant></>"
+        );
+        let texts: Vec<&str> = chat
+            .messages
+            .iter()
+            .map(|r| &chat.text[r.clone()])
+            .collect();
+        assert_eq!(texts, ["be brief", "be brief", " <hi> "]);
+    }
+
+    #[test]
+    fn render_chat_follows_a_template_that_escapes_messages() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}[{{ m.role }}]{{ m.content | tojson }}{% endfor %}[end]",
+            "",
+            "",
+        )
+        .unwrap();
+        let msgs = messages(&[("user", "say \"[end]\"\n"), ("assistant", "ok")]);
+        let chat = t.render_chat(&msgs, false).unwrap();
+        assert_eq!(chat.text, t.render(&msgs, false).unwrap());
+        let texts: Vec<&str> = chat
+            .messages
+            .iter()
+            .map(|r| &chat.text[r.clone()])
+            .collect();
+        // The quotes are the template's (they close around the placeholder too).
+        assert_eq!(texts, ["say \\\"[end]\\\"\\n", "ok"]);
+    }
+
+    #[test]
+    fn a_template_that_rewrites_messages_is_refused() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{{ m.content[:3] }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let err = t
+            .render_chat(&messages(&[("user", "hello")]), false)
+            .unwrap_err();
+        assert!(err.to_string().contains("raw"), "{err}");
     }
 
     #[test]

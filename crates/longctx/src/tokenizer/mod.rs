@@ -23,6 +23,7 @@ mod vocab;
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use crate::chat::{ChatMessage, ChatTemplate};
 use crate::gguf::MetaValue;
 use crate::{Error, Result};
 
@@ -104,7 +105,47 @@ impl Tokenizer {
     /// `add_eos_token`, with llama.cpp's defaults when absent); `parse_special` recognises
     /// special/control token text (e.g. `<|im_start|>`) in the input as single tokens.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
-        let fragments = special::partition(text, &self.specials, &self.vocab, parse_special);
+        self.encode_with_plain(text, add_special, parse_special, &[])
+    }
+
+    /// Token ids for a conversation: special tokens are parsed in the template's text, never
+    /// in the messages' own text, so that a message cannot forge a turn. A conversation whose
+    /// messages hold no control-token text encodes as its rendered text always did; one whose
+    /// messages do is rendered with where each message lies ([`ChatTemplate::render_chat`]),
+    /// and refused if its template inspects or rewrites messages too much to tell.
+    pub fn encode_chat(
+        &self,
+        template: &ChatTemplate,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let forged = messages.iter().any(|m| self.holds_control_text(&m.content));
+        if !forged {
+            let text = template.render(messages, add_generation_prompt)?;
+            return self.encode(&text, true, true);
+        }
+        let chat = template.render_chat(messages, add_generation_prompt)?;
+        self.encode_with_plain(&chat.text, true, true, &chat.messages)
+    }
+
+    /// Whether `text` holds the text of a control or unknown token (`<|im_start|>`, `<s>`).
+    fn holds_control_text(&self, text: &str) -> bool {
+        self.specials.iter().any(|&id| {
+            let special = self.vocab.texts[id as usize].as_str();
+            self.vocab.attr(id) & (attr::CONTROL | attr::UNKNOWN) != 0
+                && !special.is_empty()
+                && text.contains(special)
+        })
+    }
+
+    fn encode_with_plain(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+        plain: &[std::ops::Range<usize>],
+    ) -> Result<Vec<u32>> {
+        let fragments = special::partition(text, &self.specials, &self.vocab, parse_special, plain);
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.vocab.add_bos {
             out.extend(self.vocab.bos);

@@ -24,12 +24,15 @@ pub(crate) fn special_tokens(vocab: &Vocab) -> Vec<u32> {
 }
 
 /// Splits `text` into plain stretches and special tokens. Without `parse_special` only
-/// user-defined tokens are recognised, as in llama.cpp (and HF tokenizers).
+/// user-defined tokens are recognised, as in llama.cpp (and HF tokenizers); inside the `plain`
+/// byte ranges (a chat's message text) control tokens are never recognised, whatever
+/// `parse_special` says, so that typed `<|im_start|>` stays text.
 pub(crate) fn partition(
     text: &str,
     specials: &[u32],
     vocab: &Vocab,
     parse_special: bool,
+    plain: &[Range<usize>],
 ) -> Vec<Fragment> {
     let mut fragments = Vec::new();
     if text.is_empty() {
@@ -47,10 +50,12 @@ pub(crate) fn partition(
         if !present {
             continue;
         }
+        let control = vocab.attr(id) & (attr::CONTROL | attr::UNKNOWN) != 0;
+        let hidden: &[Range<usize>] = if control { plain } else { &[] };
         let mut out = Vec::with_capacity(fragments.len() + 2);
         for fragment in fragments {
             match fragment {
-                Fragment::Text(range) => split_on(text, range, needle, id, &mut out),
+                Fragment::Text(range) => split_on(text, range, needle, id, hidden, &mut out),
                 token => out.push(token),
             }
         }
@@ -59,16 +64,32 @@ pub(crate) fn partition(
     fragments
 }
 
-fn split_on(text: &str, range: Range<usize>, needle: &str, id: u32, out: &mut Vec<Fragment>) {
+/// Cuts every match of `needle` in `range` out as token `id`, except matches that overlap a
+/// `hidden` range, which stay text.
+fn split_on(
+    text: &str,
+    range: Range<usize>,
+    needle: &str,
+    id: u32,
+    hidden: &[Range<usize>],
+    out: &mut Vec<Fragment>,
+) {
     let mut start = range.start;
+    let mut from = range.start;
     // Token texts are valid UTF-8, so every match starts and ends on a character boundary.
-    while let Some(found) = text[start..range.end].find(needle) {
-        let at = start + found;
+    while let Some(found) = text[from..range.end].find(needle) {
+        let at = from + found;
+        let end = at + needle.len();
+        if hidden.iter().any(|h| h.start < end && at < h.end) {
+            from = at + text[at..].chars().next().map_or(1, char::len_utf8);
+            continue;
+        }
         if at > start {
             out.push(Fragment::Text(start..at));
         }
         out.push(Fragment::Token(id));
-        start = at + needle.len();
+        start = end;
+        from = end;
     }
     if start < range.end {
         out.push(Fragment::Text(start..range.end));
