@@ -388,6 +388,9 @@ fn in_range(value: i64, low: i64, high: i64, param: &str) -> Result<usize, ApiEr
     }
 }
 
+/// The chat roles OpenAI's API defines and chat templates know.
+const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
 fn encode_chat(state: &AppState, messages: &[api::Message]) -> Result<Vec<u32>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid_param(
@@ -402,7 +405,20 @@ fn encode_chat(state: &AppState, messages: &[api::Message]) -> Result<Vec<u32>, 
     })?;
     let messages = messages
         .iter()
-        .map(|m| {
+        .enumerate()
+        .map(|(i, m)| {
+            // A role is template text, not message text: one a client made up could carry
+            // special-token text past the message guard, and no template knows it anyway.
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ApiError::invalid_param(
+                    &format!("messages[{i}].role"),
+                    format!(
+                        "`{}` is not a role this server takes; use one of {}",
+                        m.role.escape_debug(),
+                        ROLES.join(", ")
+                    ),
+                ));
+            }
             Ok(ChatMessage {
                 role: m.role.clone(),
                 content: m
