@@ -1,7 +1,7 @@
 //! Options and steps shared by the subcommands.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
@@ -114,10 +114,8 @@ impl EngineArgs {
 
 /// The text of `--file`, refusing binary files with a clearer word than "invalid UTF-8".
 pub fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|source| longctx::Error::Io {
-        path: PathBuf::from(path),
-        source,
-    })?;
+    // Far more text than any context holds (a million tokens is a few MiB).
+    let bytes = longctx::files::read_limited(path, 64 * longctx::files::MIB, "a prompt file")?;
     match String::from_utf8(bytes) {
         Ok(text) => Ok(text),
         Err(_) => bail!("{} is not UTF-8 text; pass a text file", path.display()),

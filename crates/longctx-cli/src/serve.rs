@@ -37,6 +37,10 @@ pub struct Args {
     /// max_tokens of a request that sets none (less where the window has less room).
     #[arg(long, default_value_t = 512)]
     default_max_tokens: usize,
+    /// A directory of LongRoPE factors files that requests may name by file name
+    /// (`"longctx": {"rope": "longrope:factors=NAME"}`); without it, requests name no files.
+    #[arg(long, value_name = "DIR")]
+    factors_dir: Option<std::path::PathBuf>,
 }
 
 pub fn main(args: Args) -> Result<()> {
@@ -46,6 +50,13 @@ pub fn main(args: Args) -> Result<()> {
     if args.default_max_tokens == 0 {
         bail!("--default-max-tokens must be at least 1");
     }
+    let factors_dir = match &args.factors_dir {
+        Some(dir) if !dir.is_dir() => {
+            bail!("--factors-dir {}: not a directory", dir.display())
+        }
+        Some(dir) => Some(dir.canonicalize()?),
+        None => None,
+    };
     let model = args.model.load()?;
     let n_ctx = if args.ctx == 0 {
         model.trained_ctx()
@@ -65,6 +76,7 @@ pub fn main(args: Args) -> Result<()> {
         prefix_cache_bytes: args.prefix_cache_mib << 20,
         body_limit: args.max_body_mib << 20,
         default_max_tokens: args.default_max_tokens,
+        factors_dir,
     };
     longctx_server::run(config, SocketAddr::new(args.host, args.port))
 }

@@ -231,6 +231,42 @@ fn a_missing_prompt_file_is_reported() {
 }
 
 #[test]
+fn files_that_never_end_or_are_no_files_are_refused_at_once() {
+    // Each of these grew memory without bound, or hung, before it was checked.
+    let model = real_model();
+    let model = model.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec!["run", "--model", model, "--file", "/dev/zero"],
+            "/dev/zero is not a regular file",
+        ),
+        (
+            vec!["run", "--model", model, "--file", "/tmp"],
+            "/tmp is a directory",
+        ),
+        (
+            vec![
+                "run",
+                "--model",
+                model,
+                "--prompt",
+                "a",
+                "--rope",
+                "longrope:factors=/dev/zero",
+            ],
+            "/dev/zero is not a regular file",
+        ),
+        (
+            vec!["run", "--model", "/tmp", "--prompt", "a"],
+            "/tmp is a directory",
+        ),
+    ] {
+        let out = longctx(&args);
+        assert_clean_failure(&out, needle);
+    }
+}
+
+#[test]
 fn a_failed_fetch_is_reported() {
     let home = tempfile::tempdir().unwrap();
     for args in [&["fetch"][..], &["run", "--prompt", "hi"][..]] {

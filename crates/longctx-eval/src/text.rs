@@ -215,13 +215,12 @@ fn kjv_from_jsonl(bytes: &[u8], path: &Path) -> Result<String> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| {
-        longctx::Error::Io {
-            path: path.to_path_buf(),
-            source,
-        }
-        .into()
-    })
+    // A whole Bible is 5 MiB; a haystack text beyond this is a wrong path.
+    Ok(longctx::files::read_limited(
+        path,
+        256 * longctx::files::MIB,
+        "a text",
+    )?)
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

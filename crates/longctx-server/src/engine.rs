@@ -402,22 +402,25 @@ impl Engine {
                 logprob: None,
             });
         }
-        // Asked before `Done` goes: a handler that has its answer drops its end at once.
-        let departed = seq.events.is_closed();
-        seq.send(Event::Done {
+        let done = Event::Done {
             finish_reason,
             usage: Usage {
                 prompt_tokens: seq.prompt_len,
                 completion_tokens: seq.generated,
                 cached_tokens: seq.cached,
             },
-        });
-        if !departed {
+        };
+        // The cache is kept, and the gauges say so, before `Done` goes: a client that has its
+        // answer and asks /metrics or sends the next turn at once finds both.
+        let events = seq.events.clone();
+        if !events.is_closed() {
             let cached = seq.session.n_past();
             seq.tokens.truncate(cached);
             self.prefix_cache
                 .put(seq.options_key, seq.session, seq.tokens);
+            self.publish_gauges();
         }
+        let _ = events.send(done);
     }
 
     fn publish_gauges(&self) {

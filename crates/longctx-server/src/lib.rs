@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// `max_tokens` when a request gives none (less where the window has less room).
     pub default_max_tokens: usize,
+    /// Where requests' `longrope:factors=NAME` files are; None: requests name no files.
+    pub factors_dir: Option<std::path::PathBuf>,
 }
 
 /// Serves on `addr` until Ctrl-C; prints the address it listens on once ready.

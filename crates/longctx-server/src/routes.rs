@@ -39,6 +39,7 @@ pub struct AppState {
     metrics: Metrics,
     next_id: AtomicU64,
     body_limit: usize,
+    factors_dir: Option<std::path::PathBuf>,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -63,6 +64,7 @@ impl AppState {
             metrics,
             next_id: AtomicU64::new(1),
             body_limit: config.body_limit,
+            factors_dir: config.factors_dir,
         })
     }
 
@@ -445,13 +447,48 @@ fn session_options(state: &AppState, common: &Common) -> Result<SessionOptions, 
                 .map_err(|e| ApiError::invalid_param(param, e.to_string()))
         };
         if let Some(rope) = &ext.rope {
-            options.rope = spec(rope, "longctx.rope")?;
+            options.rope = request_rope(spec(rope, "longctx.rope")?, state.factors_dir.as_deref())?;
         }
         if let Some(kv) = &ext.kv {
             options.kv = spec(kv, "longctx.kv")?;
         }
     }
     Ok(options)
+}
+
+/// A request's position scheme with the files it names resolved: a request never names a path
+/// on the server (it could read any file, or hang on a FIFO). LongRoPE factors come by a bare
+/// file name from the directory the operator serves with `--factors-dir`, or not at all.
+fn request_rope(mut rope: Spec, dir: Option<&std::path::Path>) -> Result<Spec, ApiError> {
+    let param = "longctx.rope";
+    for part in &mut rope.parts {
+        for (key, value) in &mut part.params {
+            if key != "factors" {
+                continue;
+            }
+            let Some(dir) = dir else {
+                return Err(ApiError::invalid_param(
+                    param,
+                    "this server takes no factors files from requests; its operator can serve \
+                     a directory of them with --factors-dir, which requests then name by file name",
+                ));
+            };
+            let bare = !value.is_empty() && !value.starts_with('.') && !value.contains(['/', '\\']);
+            let path = dir.join(&*value);
+            if !bare || !path.is_file() {
+                return Err(ApiError::invalid_param(
+                    param,
+                    format!(
+                        "this server has no factors file named `{}`; name one of the files in \
+                         its factors directory, without a path",
+                        value.escape_debug()
+                    ),
+                ));
+            }
+            *value = path.to_string_lossy().into_owned();
+        }
+    }
+    Ok(rope)
 }
 
 fn sampling(common: &Common) -> Result<SamplingParams, ApiError> {
@@ -822,4 +859,38 @@ fn chunk(
         v["usage"] = Value::Null;
     }
     SseEvent::default().data(v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rope(text: &str, dir: Option<&std::path::Path>) -> Result<String, String> {
+        request_rope(text.parse().unwrap(), dir)
+            .map(|spec| spec.to_string())
+            .map_err(|e| e.message)
+    }
+
+    #[test]
+    fn a_request_names_factors_files_only_by_name_in_the_operators_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f.json"), "{}").unwrap();
+        let resolved = rope("longrope:factors=f.json", Some(dir.path())).unwrap();
+        let path = dir.path().join("f.json");
+        assert_eq!(resolved, format!("longrope:factors={}", path.display()));
+        // Paths, hidden names and absent names get the same answer, which tells nothing of the
+        // server's files.
+        let absent = rope("longrope:factors=g.json", Some(dir.path())).unwrap_err();
+        for name in ["/etc/passwd", "../f.json", ".f.json", "sub/f.json"] {
+            let err = rope(&format!("longrope:factors={name}"), Some(dir.path())).unwrap_err();
+            assert_eq!(
+                err.replace(name, "?"),
+                absent.replace("g.json", "?"),
+                "{name}"
+            );
+        }
+        let refused = rope("longrope:factors=f.json", None).unwrap_err();
+        assert!(refused.contains("--factors-dir"), "{refused}");
+        assert_eq!(rope("yarn:factor=2", None).unwrap(), "yarn:factor=2");
+    }
 }

@@ -40,6 +40,7 @@ fn server() -> SocketAddr {
             prefix_cache_bytes: 16 << 20,
             body_limit: 64 << 10,
             default_max_tokens: 4,
+            factors_dir: None,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

@@ -2,7 +2,6 @@
 //! memory map so the weights exist once in RAM (the page cache), never copied.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -37,7 +36,7 @@ impl Gguf {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(io)?;
+        let file = crate::files::open_regular(path, "a model")?;
         let len = file.metadata().map_err(io)?.len();
         if len < 8 {
             return Err(Error::NotGguf {

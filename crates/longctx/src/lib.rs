@@ -7,6 +7,7 @@
 pub mod chat;
 pub mod error;
 pub mod fetch;
+pub mod files;
 pub mod generate;
 pub mod gguf;
 pub mod kv;

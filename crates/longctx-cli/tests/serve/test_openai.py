@@ -223,6 +223,19 @@ class Extension(unittest.TestCase):
                 chat(QUESTION, max_tokens=2, extra_body={"longctx": ext})
             self.assertIn(word, e.exception.body["message"])
 
+    def test_a_request_names_no_file_on_the_server(self):
+        # One answer whatever the path is or holds, and at once (a FIFO or /dev/zero would
+        # hang or fill the server's memory if it were opened).
+        answers = set()
+        for path in ["/dev/zero", "/etc/passwd", "/", "/no/such/file", "../factors.json"]:
+            with self.assertRaises(openai.BadRequestError) as e:
+                chat(QUESTION, max_tokens=2,
+                     extra_body={"longctx": {"rope": f"longrope:factors={path}"}})
+            self.assertEqual(e.exception.body["param"], "longctx.rope")
+            answers.add(e.exception.body["message"])
+        self.assertEqual(len(answers), 1, answers)
+        self.assertIn("--factors-dir", answers.pop())
+
 
 class PrefixCache(unittest.TestCase):
     def ask(self, system, question):

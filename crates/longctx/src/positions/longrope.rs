@@ -8,6 +8,7 @@
 //! the session's context size: long when it exceeds the original length.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -35,22 +36,47 @@ struct ConfigJson {
     max_position_embeddings: Option<usize>,
 }
 
+/// A file's length and modification time, when the file system tells them.
+type Stamp = Option<(u64, Option<std::time::SystemTime>)>;
+
+/// Far above any factors file (two lists of a few hundred numbers, or a model's config.json).
+const FACTORS_LIMIT: u64 = 4 * crate::files::MIB;
+
 impl LongRopeFactors {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: PathBuf::from(path),
-            source,
-        })?;
+        // A server checks a request's settings before it queues it and builds them again to
+        // run it: the file's content is read once, and again only once the file has changed.
+        static LOADED: Mutex<Vec<(PathBuf, Stamp, LongRopeFactors)>> = Mutex::new(Vec::new());
+        let what = "a LongRoPE factors file";
+        let file = crate::files::open_regular(path, what)?;
+        let stamp = file.metadata().map(|m| (m.len(), m.modified().ok())).ok();
+        let loaded = |l: &(PathBuf, Stamp, LongRopeFactors)| l.0 == path && l.1 == stamp;
+        let mut cache = LOADED
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, _, factors)) = cache.iter().find(|l| loaded(l)) {
+            return Ok(factors.clone());
+        }
+        let bytes = crate::files::read_open(file, path, FACTORS_LIMIT, what)?;
+        let factors = Self::parse(path, &String::from_utf8_lossy(&bytes))?;
+        cache.retain(|l| l.0 != path);
+        if stamp.is_some() {
+            cache.push((path.to_path_buf(), stamp, factors.clone()));
+        }
+        Ok(factors)
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<Self> {
         let bad = |detail: String| {
             Error::InvalidOption(format!(
                 "{} is not a LongRoPE factors file ({detail}); it needs `short_factor` and `long_factor` lists, as `longctx rope-search` writes them or as a model's config.json holds them under `rope_scaling`",
                 path.display()
             ))
         };
-        if let Ok(factors) = serde_json::from_str::<LongRopeFactors>(&text) {
+        if let Ok(factors) = serde_json::from_str::<LongRopeFactors>(text) {
             return Ok(factors);
         }
-        match serde_json::from_str::<ConfigJson>(&text) {
+        match serde_json::from_str::<ConfigJson>(text) {
             Ok(config) => Ok(LongRopeFactors {
                 original_max_position_embeddings: config
                     .rope_scaling
