@@ -56,6 +56,15 @@ if [ "$STAGE" = all ] || [ "$STAGE" = extension ]; then
     # one 64k perplexity, ~25 min).
     t $LONGCTX rope-search --model "$MODEL" --target 64k --population 3 --iterations 1 \
         --mutations 1 --crossovers 1 --parents 2 --threads 2 --out "$OUT/extension/rope-search-64k"
+    # One report a task and length, every scheme beside the model's own RoPE.
+    for task in passkey niah_single_2; do
+        for length in 64k 128k; do
+            if [ $length = 64k ]; then schemes="none $X2"; else schemes="none $X4"; fi
+            $LONGCTX eval report $(for rope in $schemes; do
+                echo "$OUT/extension/$task-$length-$(slug "$rope")"; done) \
+                --out "$OUT/extension/compared-$task-$length"
+        done
+    done
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = kv ]; then
@@ -73,6 +82,12 @@ if [ "$STAGE" = all ] || [ "$STAGE" = kv ]; then
                     eval_ "$task" $KV --kv "$policy:ratio=$ratio" \
                         --query $query --out "$OUT/kv/$task-$policy-$ratio-$query"
                 done
+            done
+            # One report a task, protocol and budget, every policy beside the full cache.
+            for ratio in 0.25 0.1; do
+                $LONGCTX eval report "$OUT/kv/$task-full-$query" $(for policy in $POLICIES; do
+                    echo "$OUT/kv/$task-$policy-$ratio-$query"; done) \
+                    --out "$OUT/kv/compared-$task-$ratio-$query"
             done
         done
     done
