@@ -57,6 +57,15 @@ pub fn main(args: Args) -> Result<()> {
         Some(dir) => Some(dir.canonicalize()?),
         None => None,
     };
+    // Bounded so that the shift cannot wrap (it did, to a limit of 0 that refused every body).
+    const MAX_BODY_MIB: usize = 4096;
+    if !(1..=MAX_BODY_MIB).contains(&args.max_body_mib) {
+        bail!(
+            "--max-body-mib {} is out of range; give 1 to {MAX_BODY_MIB}",
+            args.max_body_mib
+        );
+    }
+    let body_limit = args.max_body_mib << 20;
     let model = args.model.load()?;
     let n_ctx = if args.ctx == 0 {
         model.trained_ctx()
@@ -74,7 +83,7 @@ pub fn main(args: Args) -> Result<()> {
         max_concurrent: args.max_concurrent,
         max_queue: args.max_queue,
         prefix_cache_bytes: args.prefix_cache_mib << 20,
-        body_limit: args.max_body_mib << 20,
+        body_limit,
         default_max_tokens: args.default_max_tokens,
         factors_dir,
     };

@@ -231,6 +231,32 @@ fn a_missing_prompt_file_is_reported() {
 }
 
 #[test]
+fn thread_counts_past_the_cores_are_capped_and_body_limits_cannot_wrap() {
+    let model = real_model();
+    let model = model.to_str().unwrap();
+    let run = [
+        "run",
+        "--model",
+        model,
+        "--prompt",
+        "a",
+        "--max-tokens",
+        "1",
+    ];
+    let out = longctx(&[&run[..], &["--threads", "100000"]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("more than the"), "{}", stderr(&out));
+    let out = longctx(&[
+        "serve",
+        "--model",
+        model,
+        "--max-body-mib",
+        "17592186044416",
+    ]);
+    assert_clean_failure(&out, "--max-body-mib 17592186044416 is out of range");
+}
+
+#[test]
 fn files_that_never_end_or_are_no_files_are_refused_at_once() {
     // Each of these grew memory without bound, or hung, before it was checked.
     let model = real_model();
