@@ -412,15 +412,14 @@ impl Engine {
         };
         // The cache is kept, and the gauges say so, before `Done` goes: a client that has its
         // answer and asks /metrics or sends the next turn at once finds both.
-        let events = seq.events.clone();
-        if !events.is_closed() {
+        if !seq.events.is_closed() {
             let cached = seq.session.n_past();
             seq.tokens.truncate(cached);
             self.prefix_cache
                 .put(seq.options_key, seq.session, seq.tokens);
             self.publish_gauges();
         }
-        let _ = events.send(done);
+        let _ = seq.events.send(done);
     }
 
     fn publish_gauges(&self) {

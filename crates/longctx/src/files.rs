@@ -15,10 +15,7 @@ pub const MIB: u64 = 1 << 20;
 /// Opens `path` for reading if it is a regular file (after symlinks); `what` names it in errors
 /// ("the factors file").
 pub fn open_regular(path: &Path, what: &str) -> Result<File> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = io_error(path);
     let kind = std::fs::metadata(path).map_err(io)?.file_type();
     if !kind.is_file() {
         return Err(not_a_file(path, what, &kind));
@@ -44,13 +41,11 @@ pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
 
 /// The bytes of `file`, opened by [`open_regular`] from `path`, refused past `limit` bytes.
 pub fn read_open(file: File, path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
     let mut bytes = Vec::new();
     // One byte past the limit tells a file that grew since it was opened from one that fits.
-    file.take(limit + 1).read_to_end(&mut bytes).map_err(io)?;
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_error(path))?;
     if bytes.len() as u64 > limit {
         return Err(Error::InvalidOption(format!(
             "{} is larger than {} MiB, more than {what} can be; check the path",
@@ -59,6 +54,14 @@ pub fn read_open(file: File, path: &Path, limit: u64, what: &str) -> Result<Vec<
         )));
     }
     Ok(bytes)
+}
+
+/// What an I/O failure on `path` is reported as.
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + Copy + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn not_a_file(path: &Path, what: &str, kind: &std::fs::FileType) -> Error {

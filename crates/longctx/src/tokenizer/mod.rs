@@ -132,9 +132,7 @@ impl Tokenizer {
     fn holds_control_text(&self, text: &str) -> bool {
         self.specials.iter().any(|&id| {
             let special = self.vocab.texts[id as usize].as_str();
-            self.vocab.attr(id) & (attr::CONTROL | attr::UNKNOWN) != 0
-                && !special.is_empty()
-                && text.contains(special)
+            special::is_control(&self.vocab, id) && !special.is_empty() && text.contains(special)
         })
     }
 

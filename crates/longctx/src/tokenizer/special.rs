@@ -23,6 +23,12 @@ pub(crate) fn special_tokens(vocab: &Vocab) -> Vec<u32> {
     ids
 }
 
+/// Control and unknown tokens: recognised in text only where special tokens are parsed (user-
+/// defined ones always are).
+pub(crate) fn is_control(vocab: &Vocab, id: u32) -> bool {
+    vocab.attr(id) & (attr::CONTROL | attr::UNKNOWN) != 0
+}
+
 /// Splits `text` into plain stretches and special tokens. Without `parse_special` only
 /// user-defined tokens are recognised, as in llama.cpp (and HF tokenizers); inside the `plain`
 /// byte ranges (a chat's message text) control tokens are never recognised, whatever
@@ -40,7 +46,8 @@ pub(crate) fn partition(
     }
     fragments.push(Fragment::Text(0..text.len()));
     for &id in specials {
-        if !parse_special && vocab.attr(id) & (attr::CONTROL | attr::UNKNOWN) != 0 {
+        let control = is_control(vocab, id);
+        if !parse_special && control {
             continue;
         }
         let needle = vocab.texts[id as usize].as_str();
@@ -50,7 +57,6 @@ pub(crate) fn partition(
         if !present {
             continue;
         }
-        let control = vocab.attr(id) & (attr::CONTROL | attr::UNKNOWN) != 0;
         let hidden: &[Range<usize>] = if control { plain } else { &[] };
         let mut out = Vec::with_capacity(fragments.len() + 2);
         for fragment in fragments {
