@@ -1,8 +1,9 @@
 //! Choosing the next token from logits.
 //!
 //! The chain is llama.cpp's default order, so the same settings mean the same thing to users
-//! coming from it: repetition penalty → top-k → top-p → min-p → temperature → draw. Temperature 0
-//! is greedy: the penalties still apply, then the highest logit wins, ties going to the lowest id.
+//! coming from it: logit bias → penalties (repetition, frequency, presence) → top-k → top-p →
+//! min-p → temperature → draw. Temperature 0 is greedy: the bias and penalties still apply, then
+//! the highest logit wins, ties going to the lowest id.
 //! Draws come from a seeded generator, so a seed reproduces a run exactly.
 
 use rand::rngs::StdRng;
@@ -23,8 +24,14 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// Divides positive (multiplies negative) logits of recently seen tokens; 1 turns it off.
     pub repeat_penalty: f32,
-    /// How many of the most recent tokens the repetition penalty looks at.
+    /// How many of the most recent tokens the penalties look at.
     pub repeat_last_n: usize,
+    /// Subtracted from a recent token's logit once per time it was seen; 0 turns it off.
+    pub frequency_penalty: f32,
+    /// Subtracted from a recent token's logit once if it was seen at all; 0 turns it off.
+    pub presence_penalty: f32,
+    /// Added to the logits of the tokens named, before anything else (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
@@ -37,6 +44,9 @@ impl Default for SamplingParams {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0,
         }
     }
@@ -76,6 +86,21 @@ impl SamplingParams {
             return bad(format!(
                 "repeat penalty must be positive (1 turns it off), got {}",
                 self.repeat_penalty
+            ));
+        }
+        for (name, value) in [
+            ("frequency penalty", self.frequency_penalty),
+            ("presence penalty", self.presence_penalty),
+        ] {
+            if !value.is_finite() {
+                return bad(format!(
+                    "{name} must be a finite number (0 turns it off), got {value}"
+                ));
+            }
+        }
+        if let Some((id, bias)) = self.logit_bias.iter().find(|(_, b)| b.is_nan()) {
+            return bad(format!(
+                "the logit bias of token {id} is {bias}; give a number"
             ));
         }
         Ok(())
@@ -123,7 +148,12 @@ impl Sampler {
                 id: id as u32,
                 logit,
             }));
-        self.apply_repeat_penalty(history);
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(c) = self.candidates.get_mut(id as usize) {
+                c.logit += bias;
+            }
+        }
+        self.apply_penalties(history);
         if self.params.temperature <= 0.0 || self.candidates.len() <= 1 {
             return argmax(&self.candidates);
         }
@@ -137,26 +167,35 @@ impl Sampler {
         self.draw()
     }
 
-    /// Candidates are still indexed by id here, so each recent token is one lookup.
-    fn apply_repeat_penalty(&mut self, history: &[u32]) {
-        let penalty = self.params.repeat_penalty;
-        if penalty == 1.0 || self.params.repeat_last_n == 0 {
+    /// Candidates are still indexed by id here, so each recent token is one lookup. The
+    /// arithmetic is llama.cpp's: the repetition factor once per token seen, then the frequency
+    /// penalty times its count and the presence penalty once.
+    fn apply_penalties(&mut self, history: &[u32]) {
+        let SamplingParams {
+            repeat_penalty,
+            frequency_penalty,
+            presence_penalty,
+            repeat_last_n,
+            ..
+        } = self.params;
+        let off = repeat_penalty == 1.0 && frequency_penalty == 0.0 && presence_penalty == 0.0;
+        if off || repeat_last_n == 0 {
             return;
         }
-        let window = &history[history.len().saturating_sub(self.params.repeat_last_n)..];
+        let window = &history[history.len().saturating_sub(repeat_last_n)..];
         self.recent.clear();
         self.recent.extend_from_slice(window);
-        // A token seen several times is penalised once, as in llama.cpp.
         self.recent.sort_unstable();
-        self.recent.dedup();
-        for &id in &self.recent {
-            if let Some(c) = self.candidates.get_mut(id as usize) {
-                c.logit = if c.logit > 0.0 {
-                    c.logit / penalty
-                } else {
-                    c.logit * penalty
-                };
-            }
+        for run in self.recent.chunk_by(|a, b| a == b) {
+            let Some(c) = self.candidates.get_mut(run[0] as usize) else {
+                continue;
+            };
+            c.logit = if c.logit > 0.0 {
+                c.logit / repeat_penalty
+            } else {
+                c.logit * repeat_penalty
+            };
+            c.logit -= run.len() as f32 * frequency_penalty + presence_penalty;
         }
     }
 
@@ -267,8 +306,8 @@ mod tests {
             top_p: 1.0,
             min_p: 0.0,
             repeat_penalty: 1.0,
-            repeat_last_n: 64,
             seed: 7,
+            ..SamplingParams::default()
         }
     }
 
@@ -305,6 +344,53 @@ mod tests {
         assert_eq!(s.sample(&[3.0, 1.6], &[0, 1]), 0);
         // Ids past the vocabulary are ignored rather than indexing out of bounds.
         assert_eq!(s.sample(&[3.0, 1.6], &[99]), 0);
+    }
+
+    #[test]
+    fn frequency_penalty_counts_each_sighting_and_presence_penalty_counts_once() {
+        let mut p = SamplingParams::greedy();
+        p.frequency_penalty = 0.5;
+        let mut s = Sampler::new(p).unwrap();
+        // Token 0 seen three times: 3.0 - 3 * 0.5 = 1.5 < 1.6.
+        assert_eq!(s.sample(&[3.0, 1.6], &[0, 0, 0]), 1);
+        // Seen twice: 3.0 - 1.0 = 2.0 > 1.6.
+        assert_eq!(s.sample(&[3.0, 1.6], &[0, 0]), 0);
+        let mut p = SamplingParams::greedy();
+        p.presence_penalty = 1.0;
+        let mut s = Sampler::new(p).unwrap();
+        // However often it was seen, token 0 loses 1.0: 2.5 - 1.0 = 1.5 < 1.6.
+        assert_eq!(s.sample(&[2.5, 1.6], &[0, 0, 0, 0, 0]), 1);
+        assert_eq!(s.sample(&[2.7, 1.6], &[0, 0, 0, 0, 0]), 0);
+        // A negative penalty favours what was seen.
+        let mut p = SamplingParams::greedy();
+        p.presence_penalty = -2.0;
+        let mut s = Sampler::new(p).unwrap();
+        assert_eq!(s.sample(&[1.0, 2.5], &[0]), 0);
+    }
+
+    #[test]
+    fn penalties_combine_as_in_llama_cpp() {
+        let mut p = SamplingParams::greedy();
+        p.repeat_penalty = 2.0;
+        p.frequency_penalty = 0.25;
+        p.presence_penalty = 0.5;
+        let mut s = Sampler::new(p).unwrap();
+        // 4.0 / 2 - 2 * 0.25 - 0.5 = 1.0, just under 1.01; 1.0 + anything would win.
+        assert_eq!(s.sample(&[4.0, 1.01], &[0, 0]), 1);
+        assert_eq!(s.sample(&[4.0, 0.99], &[0, 0]), 0);
+    }
+
+    #[test]
+    fn logit_bias_shifts_the_named_tokens_before_anything_else() {
+        let mut p = SamplingParams::greedy();
+        p.logit_bias = vec![(0, -100.0), (2, 0.5)];
+        let mut s = Sampler::new(p.clone()).unwrap();
+        // 0 is banned; 2 climbs from 1.8 to 2.3 past 1's 2.0.
+        assert_eq!(s.sample(&[9.0, 2.0, 1.8], &[]), 2);
+        // Ids past the vocabulary are ignored.
+        p.logit_bias = vec![(99, 100.0)];
+        let mut s = Sampler::new(p).unwrap();
+        assert_eq!(s.sample(&[1.0, 2.0], &[]), 1);
     }
 
     #[test]
@@ -410,6 +496,18 @@ mod tests {
             },
             SamplingParams {
                 repeat_penalty: 0.0,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                frequency_penalty: f32::INFINITY,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                presence_penalty: f32::NAN,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(3, f32::NAN)],
                 ..SamplingParams::default()
             },
         ];
