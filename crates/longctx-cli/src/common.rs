@@ -44,10 +44,10 @@ pub fn fetch_config() -> FetchConfig {
 #[derive(clap::Args)]
 pub struct EngineArgs {
     /// Worker threads for the forward pass (default: all cores).
-    #[arg(long, short)]
+    #[arg(long, short, value_parser = at_least_one, allow_negative_numbers = true)]
     pub threads: Option<usize>,
     /// Tokens per prefill chunk.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = at_least_one, allow_negative_numbers = true)]
     pub chunk_size: usize,
     /// Element type of the KV cache.
     #[arg(long, value_enum, default_value_t = KvDtypeArg::F16)]
@@ -120,6 +120,30 @@ impl EngineArgs {
             rope: self.rope.parse::<Spec>()?,
             kv: self.kv.parse::<Spec>()?,
         })
+    }
+}
+
+/// A count that must be at least 1, read for clap. Negative numbers reach it as values (clap
+/// would otherwise take `-5` for a flag and report an unexpected argument), so the message can
+/// say what is wrong with them.
+pub fn at_least_one(text: &str) -> std::result::Result<usize, String> {
+    count_from(text, 1)
+}
+
+/// A count where 0 means something (off, none), read for clap as [`at_least_one`] is.
+pub fn count(text: &str) -> std::result::Result<usize, String> {
+    count_from(text, 0)
+}
+
+fn count_from(text: &str, low: i128) -> std::result::Result<usize, String> {
+    match text.trim().parse::<i128>() {
+        Ok(n) if n >= low => usize::try_from(n).map_err(|_| format!("{text} is too large")),
+        Ok(_) => Err(format!(
+            "{text} is not allowed; give a whole number of at least {low}"
+        )),
+        Err(_) => Err(format!(
+            "`{text}` is not a whole number; give one of at least {low}"
+        )),
     }
 }
 

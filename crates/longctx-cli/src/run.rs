@@ -7,7 +7,7 @@ use longctx::generate::{generate, FinishReason, GenerationStats};
 use longctx::sampling::{Sampler, SamplingParams};
 use longctx::session::{Model, Session};
 
-use crate::common::{read_text, EngineArgs, ModelArgs};
+use crate::common::{at_least_one, count, read_text, EngineArgs, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -19,18 +19,18 @@ pub struct Args {
     #[arg(long)]
     chat: bool,
     /// Most tokens to generate.
-    #[arg(long, short = 'n', default_value_t = 128)]
+    #[arg(long, short = 'n', default_value_t = 128, value_parser = at_least_one, allow_negative_numbers = true)]
     max_tokens: usize,
     /// Context size in tokens (default: what the prompt and --max-tokens need, up to the
     /// model's trained length).
-    #[arg(long, short)]
+    #[arg(long, short, value_parser = at_least_one, allow_negative_numbers = true)]
     ctx: Option<usize>,
     // Defaults are llama.cpp's, so the same command means the same thing in both.
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     temperature: f32,
     /// Keep the K most likely tokens; 0 turns it off.
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, value_parser = count, allow_negative_numbers = true)]
     top_k: usize,
     /// Keep the most likely tokens up to this total probability; 1 turns it off.
     #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
@@ -41,6 +41,12 @@ pub struct Args {
     /// Penalise the last 64 tokens' repeats by this factor; 1 turns it off.
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repeat_penalty: f32,
+    /// Subtracted from a recent token's logit once per time it was seen; 0 turns it off.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// Subtracted from a recent token's logit once if it was seen at all; 0 turns it off.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
     /// Random seed (default: a fresh one, printed with the statistics).
     #[arg(long)]
     seed: Option<u64>,
@@ -76,6 +82,8 @@ pub fn main(args: Args) -> Result<()> {
         top_p: args.top_p,
         min_p: args.min_p,
         repeat_penalty: args.repeat_penalty,
+        frequency_penalty: args.frequency_penalty,
+        presence_penalty: args.presence_penalty,
         seed,
         ..SamplingParams::default()
     };

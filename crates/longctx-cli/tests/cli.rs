@@ -788,3 +788,26 @@ fn rope_search_refuses_a_target_inside_the_trained_window() {
     let out = longctx(&["rope-search", "--model", &tiny_model(), "--target", "256"]);
     assert_clean_failure(&out, "not past the model's trained 512 tokens");
 }
+
+#[test]
+fn negative_and_zero_counts_are_named_not_taken_for_flags() {
+    for (args, said) in [
+        (&["run", "-p", "hi", "--ctx", "-5"][..], "-5 is not allowed"),
+        (&["run", "-p", "hi", "-n", "-1"][..], "-1 is not allowed"),
+        (&["run", "-p", "hi", "-n", "0"][..], "0 is not allowed"),
+        (&["run", "-p", "hi", "--threads", "0"][..], "at least 1"),
+        (&["serve", "--ctx", "0"][..], "0 is not allowed"),
+        (&["serve", "--max-queue", "-3"][..], "-3 is not allowed"),
+    ] {
+        // Usage errors are clap's: exit code 2, the value and what to give instead.
+        let out = longctx(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(said), "{args:?}: want {said:?} in {err}");
+        assert!(!err.contains("unexpected argument"), "{args:?}: {err}");
+    }
+    assert_clean_failure(
+        &longctx(&["serve", "--prefix-cache-mib", "17592186044416"]),
+        "more memory",
+    );
+}

@@ -21,6 +21,7 @@ impl Server {
             .args(["serve", "--port", "0", "--model"])
             .arg(&model)
             .args(args)
+            .env("LONGCTX_API_KEY", TEST_KEY)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -96,6 +97,10 @@ fn openai_client_packages() -> PathBuf {
     dir
 }
 
+/// The key the client tests' server requires (given through the environment, as an operator
+/// should, so that `ps` does not show it).
+const TEST_KEY: &str = "key-for-the-client-tests";
+
 #[test]
 fn the_openai_client_gets_what_openai_would_give_it() {
     let packages = openai_client_packages();
@@ -110,6 +115,8 @@ fn the_openai_client_gets_what_openai_would_give_it() {
         "1",
         "--threads",
         "2",
+        "--alias",
+        "smollm2",
     ]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve/test_openai.py");
     let status = Command::new(python())
@@ -118,6 +125,7 @@ fn the_openai_client_gets_what_openai_would_give_it() {
         .env("PYTHONPATH", &packages)
         .env("LONGCTX_BASE_URL", &server.base_url)
         .env("LONGCTX_CTX", "1024")
+        .env("LONGCTX_API_KEY", TEST_KEY)
         .status()
         .unwrap();
     server.assert_alive();
@@ -136,4 +144,19 @@ fn a_bad_default_policy_stops_the_server_at_start() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("budget"), "{err}");
+}
+
+#[test]
+fn serving_beyond_loopback_needs_a_key_or_insecure() {
+    let out = Command::new(env!("CARGO_BIN_EXE_longctx"))
+        .args(["serve", "--port", "0", "--host", "0.0.0.0"])
+        .env_remove("LONGCTX_API_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--api-key") && err.contains("--insecure"),
+        "{err}"
+    );
 }

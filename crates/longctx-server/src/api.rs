@@ -1,6 +1,10 @@
 //! The OpenAI request bodies the server reads, and how each becomes an engine job. Fields the
 //! server does not know are ignored, as OpenAI clients expect; known fields of the wrong type or
-//! out of range are refused naming the field.
+//! out of range are refused naming the field, and so are the OpenAI features it does not
+//! implement (tools, JSON mode …): a client relying on one must not get output that silently
+//! ignored it.
+
+use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -36,17 +40,116 @@ pub struct Common {
     pub max_tokens: Option<i64>,
     /// The chat endpoint's newer name for `max_tokens`.
     pub max_completion_tokens: Option<i64>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
+    // Read as f64 so that a value past f32's range is reported as sent, not as `inf`.
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    /// Token id (as a string, OpenAI's shape) to a bias added to its logit.
+    pub logit_bias: Option<BTreeMap<String, f64>>,
     /// llama-server's extensions, accepted by many OpenAI-style clients.
     pub top_k: Option<i64>,
-    pub min_p: Option<f32>,
+    pub min_p: Option<f64>,
+    pub repeat_penalty: Option<f64>,
     pub seed: Option<i64>,
     pub stop: Option<Stop>,
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub longctx: Option<Extension>,
+    // OpenAI and llama-server fields whose features this server does not implement, read as
+    // raw JSON only to be refused when they ask for something (see [`Common::unsupported`]).
+    // Not a flattened struct: flattening loses the other fields' error paths.
+    tools: Option<serde_json::Value>,
+    tool_choice: Option<serde_json::Value>,
+    functions: Option<serde_json::Value>,
+    function_call: Option<serde_json::Value>,
+    response_format: Option<serde_json::Value>,
+    grammar: Option<serde_json::Value>,
+    json_schema: Option<serde_json::Value>,
+    best_of: Option<serde_json::Value>,
+    modalities: Option<serde_json::Value>,
+    audio: Option<serde_json::Value>,
+    prediction: Option<serde_json::Value>,
+}
+
+impl Common {
+    /// The first field that asks for a feature this server lacks, as a 400 naming it. Values
+    /// that ask for nothing (`tools: []`, `tool_choice: "none"`, `response_format: {"type":
+    /// "text"}`, `best_of: 1`) pass, since many clients send them by default.
+    pub fn unsupported(&self) -> Result<(), ApiError> {
+        use serde_json::Value;
+        let u = self;
+        let empty = |v: &Value| match v {
+            Value::Null => true,
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty(),
+            Value::String(s) => s.is_empty(),
+            _ => false,
+        };
+        let refuse = |field: &str, what: &str| {
+            Err(ApiError::invalid_param(
+                field,
+                format!("`{field}` is not supported: this server does not implement {what}"),
+            ))
+        };
+        let asks = |v: &Option<Value>| v.as_ref().is_some_and(|v| !empty(v));
+        if asks(&u.tools) || asks(&u.functions) {
+            let field = if asks(&u.tools) { "tools" } else { "functions" };
+            return refuse(
+                field,
+                "tool or function calling; send the request without it",
+            );
+        }
+        for (field, value) in [
+            ("tool_choice", &u.tool_choice),
+            ("function_call", &u.function_call),
+        ] {
+            match value {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) if s == "none" || s == "auto" => {}
+                Some(_) => {
+                    return refuse(
+                        field,
+                        "tool or function calling; leave it out or send \"none\"",
+                    )
+                }
+            }
+        }
+        if let Some(format) = &u.response_format {
+            let kind = format.get("type").and_then(Value::as_str);
+            if !(format.is_null() || kind == Some("text")) {
+                return refuse(
+                    "response_format",
+                    "JSON mode or structured outputs; leave it out or send {\"type\": \"text\"}",
+                );
+            }
+        }
+        for (field, value) in [
+            ("grammar", &u.grammar),
+            ("json_schema", &u.json_schema),
+            ("audio", &u.audio),
+            ("prediction", &u.prediction),
+        ] {
+            if asks(value) {
+                return refuse(field, "constrained or multimodal output");
+            }
+        }
+        if let Some(modalities) = &u.modalities {
+            if modalities
+                .as_array()
+                .is_none_or(|m| m.iter().any(|x| x != "text"))
+            {
+                return refuse("modalities", "output other than text; send [\"text\"]");
+            }
+        }
+        if let Some(best_of) = &u.best_of {
+            if !(best_of.is_null() || best_of == 1) {
+                return refuse("best_of", "several candidates per request; send 1");
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,6 +345,54 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("kvv"), "{}", e.message);
+    }
+
+    #[test]
+    fn features_not_implemented_are_refused_naming_the_field() {
+        let refused = [
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required""#,
+                "tools",
+            ),
+            (r#""tool_choice":"required""#, "tool_choice"),
+            (
+                r#""tool_choice":{"type":"function","function":{"name":"f"}}"#,
+                "tool_choice",
+            ),
+            (r#""functions":[{"name":"f"}]"#, "functions"),
+            (r#""function_call":{"name":"f"}"#, "function_call"),
+            (
+                r#""response_format":{"type":"json_object"}"#,
+                "response_format",
+            ),
+            (
+                r#""response_format":{"type":"json_schema","json_schema":{}}"#,
+                "response_format",
+            ),
+            (r#""grammar":"root ::= [a-z]+""#, "grammar"),
+            (r#""json_schema":{"type":"object"}"#, "json_schema"),
+            (r#""modalities":["text","audio"]"#, "modalities"),
+            (r#""audio":{"voice":"x"}"#, "audio"),
+            (r#""best_of":3"#, "best_of"),
+        ];
+        for (fields, param) in refused {
+            let body = format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],{fields}}}"#);
+            let (_, common): (ChatRequest, Common) = parse_generation(body.as_bytes()).unwrap();
+            let e = common.unsupported().unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{fields}: {}", e.message);
+        }
+        let harmless = [
+            r#""tools":[],"tool_choice":"none""#,
+            r#""tool_choice":"auto""#,
+            r#""response_format":{"type":"text"}"#,
+            r#""modalities":["text"],"best_of":1"#,
+            r#""tools":null,"response_format":null"#,
+        ];
+        for fields in harmless {
+            let body = format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],{fields}}}"#);
+            let (_, common): (ChatRequest, Common) = parse_generation(body.as_bytes()).unwrap();
+            assert!(common.unsupported().is_ok(), "{fields}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! engine drops its request at the next step.
 
 pub mod api;
+pub mod connections;
 pub mod engine;
 pub mod error;
 pub mod metrics;
@@ -28,6 +29,8 @@ pub struct ServerConfig {
     pub model: Arc<Model>,
     /// The id `/v1/models` lists and responses carry.
     pub model_name: String,
+    /// More names requests may give as `model` for the same model.
+    pub aliases: Vec<String>,
     /// Options of every request's session; a request's `longctx` object overrides `rope`/`kv`.
     pub defaults: SessionOptions,
     /// Requests holding a slot (prefilling or decoding) at once.
@@ -42,6 +45,11 @@ pub struct ServerConfig {
     pub default_max_tokens: usize,
     /// Where requests' `longrope:factors=NAME` files are; None: requests name no files.
     pub factors_dir: Option<std::path::PathBuf>,
+    /// The key every request but `/health` must carry as `Authorization: Bearer KEY`; None: no
+    /// authentication.
+    pub api_key: Option<String>,
+    /// Connections held at once and how long a client may stall one.
+    pub limits: connections::Limits,
 }
 
 /// Serves on `addr` until Ctrl-C; prints the address it listens on once ready.
@@ -57,6 +65,7 @@ pub fn run(config: ServerConfig, addr: SocketAddr) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {addr}; is the port in use?"))?;
         let local = listener.local_addr()?;
         let base_model = config.model.chat_template.is_none();
+        let limits = config.limits;
         let app = build(config);
         eprintln!("longctx: serving on http://{local} (OpenAI API under /v1)");
         if base_model {
@@ -64,12 +73,11 @@ pub fn run(config: ServerConfig, addr: SocketAddr) -> anyhow::Result<()> {
                 "longctx: the model has no chat template (a base model): /v1/completions works, /v1/chat/completions answers 400"
             );
         }
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .context("the server stopped with an error")
+        connections::serve(listener, app, limits, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+        Ok(())
     })
 }
 

@@ -6,22 +6,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream};
+use http_body_util::BodyExt;
 use longctx::chat::{ChatMessage, ChatTemplate};
 use longctx::generate::FinishReason;
 use longctx::sampling::SamplingParams;
 use longctx::session::{Model, Session, SessionOptions};
 use longctx::spec::Spec;
 use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::Semaphore;
 
 use crate::api::{self, ChatRequest, Common, CompletionRequest, Prompt};
 use crate::engine::{EngineHandle, Event, Job, TokenLogprob, Usage};
@@ -32,6 +36,7 @@ use crate::ServerConfig;
 pub struct AppState {
     model: Arc<Model>,
     model_name: String,
+    aliases: Vec<String>,
     defaults: SessionOptions,
     template: Option<ChatTemplate>,
     default_max_tokens: usize,
@@ -40,6 +45,10 @@ pub struct AppState {
     next_id: AtomicU64,
     body_limit: usize,
     factors_dir: Option<std::path::PathBuf>,
+    api_key: Option<String>,
+    read_timeout: Duration,
+    /// One permit per core for CPU-bound request work (tokenizing, checking).
+    cpu: Arc<Semaphore>,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -58,6 +67,7 @@ impl AppState {
             template,
             model: config.model,
             model_name: config.model_name,
+            aliases: config.aliases,
             defaults: config.defaults,
             default_max_tokens: config.default_max_tokens,
             engine,
@@ -65,6 +75,11 @@ impl AppState {
             next_id: AtomicU64::new(1),
             body_limit: config.body_limit,
             factors_dir: config.factors_dir,
+            api_key: config.api_key,
+            read_timeout: config.limits.read_timeout,
+            cpu: Arc::new(Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            )),
         })
     }
 
@@ -86,7 +101,102 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
+        // Outermost, so that a request without the key is refused before its body is read.
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
+}
+
+/// Refuses every route but `/health` (which load balancers probe without credentials) to a
+/// request that lacks the server's key, as llama-server and OpenAI do.
+async fn authorize(State(state): Shared, request: Request, next: Next) -> Response {
+    let Some(key) = &state.api_key else {
+        return next.run(request).await;
+    };
+    if request.uri().path() == "/health" {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let message = match given {
+        // Compared in constant time, so that timing does not reveal the key byte by byte.
+        Some(given) if bool::from(given.trim().as_bytes().ct_eq(key.as_bytes())) => {
+            return next.run(request).await;
+        }
+        Some(_) => "the API key is not this server's; send the key its operator started it with",
+        None => {
+            "this server needs an API key: send the header `Authorization: Bearer KEY` with the \
+             key its operator started it with"
+        }
+    };
+    let mut response = ApiError::invalid(message)
+        .with_status(StatusCode::UNAUTHORIZED)
+        .with_code("invalid_api_key")
+        .into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
+/// Reads the whole body within the server's read timeout and size limit before any handler
+/// runs: hyper's header timer stops at the headers, and a body sent a byte a minute would
+/// otherwise hold its connection and its handler for good.
+async fn read_body(State(state): Shared, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let limited = http_body_util::Limited::new(body, state.body_limit);
+    let read = tokio::time::timeout(state.read_timeout, limited.collect()).await;
+    let bytes = match read {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return ApiError::invalid(format!(
+                "the request body is larger than the server's limit of {} bytes; send a \
+                 shorter prompt or start the server with a larger --max-body-mib",
+                state.body_limit
+            ))
+            .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+            .into_response()
+        }
+        Ok(Err(e)) => {
+            return ApiError::invalid(format!("cannot read the request body: {e}")).into_response()
+        }
+        Err(_) => {
+            return ApiError::invalid(format!(
+                "the request body did not arrive within {} s; send the whole body at once",
+                state.read_timeout.as_secs_f64()
+            ))
+            .with_status(StatusCode::REQUEST_TIMEOUT)
+            .into_response()
+        }
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+/// Runs CPU-bound request work off the async workers, one job per core at a time, so that
+/// `/health` and streams stay responsive and memory stays bounded whatever clients send. The
+/// permit travels with the job: a client that hangs up does not free it while the job runs.
+async fn off_workers<T: Send + 'static>(
+    state: &Arc<AppState>,
+    work: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let permit = state
+        .cpu
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::internal("the server is shutting down"))?;
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work(&state)
+    })
+    .await
+    .unwrap_or_else(|e| Err(ApiError::internal(format!("request handling failed: {e}"))))
 }
 
 fn now() -> u64 {
@@ -158,34 +268,45 @@ fn body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiE
 }
 
 async fn tokenize(State(state): Shared, raw: Result<Bytes, BytesRejection>) -> Response {
-    let result = body(raw, state.body_limit).and_then(|b| {
-        let request: api::TokenizeRequest = api::parse(&b)?;
-        let tok = &state.model.tokenizer;
-        let ids = tok.encode(&request.content, request.add_special, request.parse_special)?;
-        if request.with_pieces {
-            let pieces: Vec<Value> = ids
-                .iter()
-                .map(
-                    |&id| json!({"id": id, "piece": String::from_utf8_lossy(&tok.token_bytes(id))}),
-                )
-                .collect();
-            Ok(json!({ "tokens": pieces }))
-        } else {
-            Ok(json!({ "tokens": ids }))
-        }
-    });
+    let limit = state.body_limit;
+    let result = match body(raw, limit) {
+        Ok(b) => off_workers(&state, move |state| tokenize_body(state, &b)).await,
+        Err(e) => Err(e),
+    };
     match result {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
+fn tokenize_body(state: &AppState, body: &[u8]) -> Result<Value, ApiError> {
+    let request: api::TokenizeRequest = api::parse(body)?;
+    let tok = &state.model.tokenizer;
+    let ids = tok.encode(&request.content, request.add_special, request.parse_special)?;
+    if request.with_pieces {
+        let pieces: Vec<Value> = ids
+            .iter()
+            .map(|&id| json!({"id": id, "piece": String::from_utf8_lossy(&tok.token_bytes(id))}))
+            .collect();
+        Ok(json!({ "tokens": pieces }))
+    } else {
+        Ok(json!({ "tokens": ids }))
+    }
+}
+
 async fn detokenize(State(state): Shared, raw: Result<Bytes, BytesRejection>) -> Response {
-    let result = body(raw, state.body_limit).and_then(|b| {
-        let request: api::DetokenizeRequest = api::parse(&b)?;
-        let ids = token_ids(&request.tokens, state.model.config.vocab, "tokens")?;
-        Ok(json!({ "content": state.model.tokenizer.decode(&ids) }))
-    });
+    let limit = state.body_limit;
+    let result = match body(raw, limit) {
+        Ok(b) => {
+            off_workers(&state, move |state| {
+                let request: api::DetokenizeRequest = api::parse(&b)?;
+                let ids = token_ids(&request.tokens, state.model.config.vocab, "tokens")?;
+                Ok(json!({ "content": state.model.tokenizer.decode(&ids) }))
+            })
+            .await
+        }
+        Err(e) => Err(e),
+    };
     match result {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
@@ -241,12 +362,8 @@ async fn generate(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    // Tokenizing a long prompt and checking it against the window is CPU work; keep it off the
-    // threads that serve connections.
-    let checking = state.clone();
-    let prepared = tokio::task::spawn_blocking(move || prepare(&checking, &bytes, endpoint))
-        .await
-        .unwrap_or_else(|e| Err(ApiError::internal(format!("request check failed: {e}"))));
+    // Tokenizing a long prompt and checking it against the window is CPU work.
+    let prepared = off_workers(&state, move |state| prepare(state, &bytes, endpoint)).await;
     let prepared = match prepared {
         Ok(p) => p,
         Err(e) => return e.into_response(),
@@ -287,6 +404,7 @@ fn prepare(state: &AppState, body: &[u8], endpoint: Endpoint) -> Result<Prepared
     let (common, prompt, logprobs) = match endpoint {
         Endpoint::Chat => {
             let (request, common): (ChatRequest, Common) = api::parse_generation(body)?;
+            served(state, &common)?;
             let logprobs = match (request.logprobs, request.top_logprobs) {
                 (Some(true), top) => Some(in_range(top.unwrap_or(0), 0, 20, "top_logprobs")?),
                 (_, Some(_)) => {
@@ -302,6 +420,7 @@ fn prepare(state: &AppState, body: &[u8], endpoint: Endpoint) -> Result<Prepared
         }
         Endpoint::Completion => {
             let (request, common): (CompletionRequest, Common) = api::parse_generation(body)?;
+            served(state, &common)?;
             if request.echo == Some(true) {
                 return Err(ApiError::invalid_param(
                     "echo",
@@ -334,7 +453,7 @@ fn prepare(state: &AppState, body: &[u8], endpoint: Endpoint) -> Result<Prepared
         return Err(ApiError::invalid_param(prompt_param, "the prompt is empty"));
     }
     let options = session_options(state, &common)?;
-    let sampling = sampling(&common)?;
+    let sampling = sampling(&common, state.model.config.vocab)?;
     let max_tokens =
         max_tokens(state, &common, &options, prompt.len()).map_err(|e| match e.code {
             Some("context_length_exceeded") => ApiError {
@@ -377,6 +496,29 @@ fn prepare(state: &AppState, body: &[u8], endpoint: Endpoint) -> Result<Prepared
         include_usage,
         events,
     })
+}
+
+/// Refuses, before any tokenizing, a request for another model or for a feature the server
+/// lacks.
+fn served(state: &AppState, common: &Common) -> Result<(), ApiError> {
+    if let Some(asked) = &common.model {
+        if *asked != state.model_name && !state.aliases.contains(asked) {
+            let mut names = vec![format!("`{}`", state.model_name)];
+            names.extend(state.aliases.iter().map(|a| format!("`{a}`")));
+            return Err(ApiError::invalid_param(
+                "model",
+                format!(
+                    "this server does not serve the model `{}`; it serves {} (GET /v1/models \
+                     lists it; its operator can accept more names with --alias)",
+                    asked.escape_debug(),
+                    names.join(" or ")
+                ),
+            )
+            .with_status(StatusCode::NOT_FOUND)
+            .with_code("model_not_found"));
+        }
+    }
+    common.unsupported()
 }
 
 fn in_range(value: i64, low: i64, high: i64, param: &str) -> Result<usize, ApiError> {
@@ -491,37 +633,63 @@ fn request_rope(mut rope: Spec, dir: Option<&std::path::Path>) -> Result<Spec, A
     Ok(rope)
 }
 
-fn sampling(common: &Common) -> Result<SamplingParams, ApiError> {
+fn sampling(common: &Common, vocab: usize) -> Result<SamplingParams, ApiError> {
     let mut params = SamplingParams::default();
     if let Some(t) = common.temperature {
-        if !(0.0..=2.0).contains(&t) {
-            return Err(ApiError::invalid_param(
-                "temperature",
-                format!("temperature must be between 0 and 2, got {t}"),
-            ));
-        }
-        params.temperature = t;
+        params.temperature = within(t, 0.0, 2.0, "temperature", "between 0 and 2")?;
     }
     if let Some(p) = common.top_p {
-        if !(p > 0.0 && p <= 1.0) {
+        if p <= 0.0 {
             return Err(ApiError::invalid_param(
                 "top_p",
                 format!("top_p must be in (0, 1], got {p}"),
             ));
         }
-        params.top_p = p;
+        params.top_p = within(p, 0.0, 1.0, "top_p", "in (0, 1]")?;
     }
     if let Some(k) = common.top_k {
         params.top_k = in_range(k, 0, 1 << 20, "top_k")?;
     }
     if let Some(p) = common.min_p {
-        if !(0.0..=1.0).contains(&p) {
+        params.min_p = within(p, 0.0, 1.0, "min_p", "between 0 and 1")?;
+    }
+    // OpenAI's ranges for the penalties and the bias.
+    if let Some(p) = common.frequency_penalty {
+        params.frequency_penalty = within(p, -2.0, 2.0, "frequency_penalty", "between -2 and 2")?;
+    }
+    if let Some(p) = common.presence_penalty {
+        params.presence_penalty = within(p, -2.0, 2.0, "presence_penalty", "between -2 and 2")?;
+    }
+    if let Some(p) = common.repeat_penalty {
+        if p <= 0.0 {
             return Err(ApiError::invalid_param(
-                "min_p",
-                format!("min_p must be between 0 and 1, got {p}"),
+                "repeat_penalty",
+                format!("repeat_penalty must be positive (1 turns it off), got {p}"),
             ));
         }
-        params.min_p = p;
+        params.repeat_penalty = within(p, 0.0, 10.0, "repeat_penalty", "in (0, 10]")?;
+    }
+    if let Some(bias) = &common.logit_bias {
+        params.logit_bias = bias
+            .iter()
+            .map(|(id, &value)| {
+                let param = format!("logit_bias.{id}");
+                let token = id
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&t| (t as usize) < vocab)
+                    .ok_or_else(|| {
+                        ApiError::invalid_param(
+                            &param,
+                            format!(
+                                "logit_bias keys are token ids below the vocabulary size                                  {vocab}, got `{}`",
+                                id.escape_debug()
+                            ),
+                        )
+                    })?;
+                Ok((token, within(value, -100.0, 100.0, &param, "between -100 and 100")?))
+            })
+            .collect::<Result<_, ApiError>>()?;
     }
     params.seed = match common.seed {
         Some(seed) => seed as u64,
@@ -532,6 +700,20 @@ fn sampling(common: &Common) -> Result<SamplingParams, ApiError> {
     };
     params.validate()?;
     Ok(params)
+}
+
+/// `value` as the engine's f32 if it lies in `[low, high]`; else a 400 naming `param` and the
+/// value as sent.
+fn within(value: f64, low: f64, high: f64, param: &str, range: &str) -> Result<f32, ApiError> {
+    if (low..=high).contains(&value) {
+        Ok(value as f32)
+    } else {
+        Err(ApiError::invalid_param(
+            param,
+            // Debug, not Display: 1e308 reads as sent rather than as 309 digits.
+            format!("{param} must be {range}, got {value:?}"),
+        ))
+    }
 }
 
 /// The request's `max_tokens`, checked against the window under its policies. Without one, the
@@ -595,7 +777,7 @@ fn over_window(
             };
             if Session::check_request(&state.model, &candidate, prompt, max_tokens).is_ok() {
                 fits.push(format!(
-                    "\"longctx\": {{\"kv\": \"{spec}\"}} in the request (or --kv {spec})"
+                    "\"longctx\": {{\"kv\": \"{spec}\"}} in the request"
                 ));
             }
         }
@@ -604,15 +786,27 @@ fn over_window(
     if need > trained {
         let factor = need.div_ceil(trained);
         fits.push(format!(
-            "a server started with --ctx {need} --rope yarn:factor={factor} (the model was \
-             trained on {trained} tokens)"
+            "a larger window, which only the server's operator can give it (`longctx serve \
+             --ctx {need} --rope yarn:factor={factor}`; the model was trained on {trained} tokens)"
         ));
     } else {
-        fits.push(format!("a server started with --ctx {need}"));
+        fits.push(format!(
+            "a larger window, which only the server's operator can give it (`longctx serve \
+             --ctx {need}`)"
+        ));
     }
+    // The engine's own wording names command-line flags; only the policy's part is the client's.
+    let policy = match cause {
+        longctx::Error::PolicyOverflow { peak, .. } => format!(
+            " (under kv {} the cache would hold up to {peak} tokens: its budget, a prefill \
+             chunk and the tokens generated)",
+            options.kv
+        ),
+        _ => String::new(),
+    };
     ApiError::invalid(format!(
         "the prompt does not fit: this server's context window is {n_ctx} tokens and the \
-         prompt has {prompt} tokens with max_tokens {max_tokens} to generate ({cause}). \
+         prompt has {prompt} tokens with max_tokens {max_tokens} to generate{policy}. \
          Options that fit it: {}. Or shorten the prompt or lower max_tokens.",
         fits.join("; ")
     ))

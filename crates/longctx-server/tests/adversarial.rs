@@ -41,6 +41,9 @@ fn server() -> SocketAddr {
             body_limit: 64 << 10,
             default_max_tokens: 4,
             factors_dir: None,
+            aliases: vec!["tiny".into()],
+            api_key: None,
+            limits: longctx_server::connections::Limits::default(),
         };
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -48,9 +51,10 @@ fn server() -> SocketAddr {
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
-                axum::serve(listener, longctx_server::build(config))
-                    .await
-                    .unwrap();
+                let limits = config.limits;
+                let app = longctx_server::build(config);
+                longctx_server::connections::serve(listener, app, limits, std::future::pending())
+                    .await;
             });
         });
         rx.recv().unwrap()
@@ -123,6 +127,15 @@ const FIELDS: &[&str] = &[
     "rope",
     "kv",
     "include_usage",
+    "frequency_penalty",
+    "presence_penalty",
+    "repeat_penalty",
+    "logit_bias",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "best_of",
+    "modalities",
 ];
 
 fn any_json() -> impl Strategy<Value = Value> {
@@ -168,7 +181,7 @@ fn any_json() -> impl Strategy<Value = Value> {
 /// A valid chat request with some fields replaced by arbitrary values.
 fn mutated_request() -> impl Strategy<Value = Value> {
     let valid = json!({
-        "model": "m",
+        "model": "smollm2",
         "messages": [{"role": "user", "content": "Say one word."}],
         "max_tokens": 3,
         "prompt": "Say one word.",

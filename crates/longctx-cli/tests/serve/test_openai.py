@@ -17,6 +17,7 @@ import openai
 from openai import OpenAI
 
 BASE = os.environ["LONGCTX_BASE_URL"]
+KEY = os.environ["LONGCTX_API_KEY"]
 CTX = int(os.environ.get("LONGCTX_CTX", "1024"))
 
 QUESTION = "Name three colours that a rainbow shows."
@@ -47,7 +48,9 @@ def raw(method, path, body=None, json_body=None):
     url = urllib.parse.urlsplit(BASE)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
     try:
-        headers = {"content-type": "application/json"} if body is not None else {}
+        headers = {"authorization": f"Bearer {KEY}"}
+        if body is not None:
+            headers["content-type"] = "application/json"
         conn.request(method, path, body=body, headers=headers)
         r = conn.getresponse()
         return Response(r.status, r.read().decode())
@@ -55,8 +58,8 @@ def raw(method, path, body=None, json_body=None):
         conn.close()
 
 
-def client(**kwargs):
-    return OpenAI(base_url=BASE + "/v1", api_key="unused", max_retries=0, timeout=120, **kwargs)
+def client(api_key=KEY, **kwargs):
+    return OpenAI(base_url=BASE + "/v1", api_key=api_key, max_retries=0, timeout=120, **kwargs)
 
 
 def chat(text, **kwargs):
@@ -131,6 +134,22 @@ class Chat(unittest.TestCase):
         chunks = list(chat(QUESTION, max_tokens=4, temperature=0, stream=True))
         self.assertTrue(all(c.usage is None for c in chunks))
 
+    def test_logit_bias_and_penalties_steer_the_tokens(self):
+        plain = chat(QUESTION, max_tokens=6, temperature=0, logprobs=True)
+        first = plain.choices[0].logprobs.content[0].token
+        ids = raw("POST", "/tokenize", json_body={"content": first})
+        banned = chat(QUESTION, max_tokens=6, temperature=0, logprobs=True,
+                      logit_bias={str(ids.json()["tokens"][0]): -100})
+        self.assertNotEqual(banned.choices[0].logprobs.content[0].token, first)
+        # A repetitive answer: penalising what was seen changes it; 0 leaves it as it was.
+        ask = "Repeat the word blue twenty times."
+        same = chat(ask, max_tokens=16, temperature=0, frequency_penalty=0, presence_penalty=0)
+        base = chat(ask, max_tokens=16, temperature=0)
+        self.assertEqual(same.choices[0].message.content, base.choices[0].message.content)
+        for kwargs in [{"frequency_penalty": 2}, {"presence_penalty": 2}]:
+            steered = chat(ask, max_tokens=16, temperature=0, **kwargs)
+            self.assertNotEqual(steered.choices[0].message.content, base.choices[0].message.content, kwargs)
+
     def test_stop_sequences_cut_the_text(self):
         full = chat(QUESTION, max_tokens=24, temperature=0).choices[0].message.content
         words = full.split()
@@ -180,8 +199,8 @@ class Completions(unittest.TestCase):
     def test_token_prompt_and_logprobs(self):
         c = client()
         ids = raw("POST", "/tokenize", json_body={"content": "The sea is"}).json()["tokens"]
-        by_text = c.completions.create(model="m", prompt="The sea is", max_tokens=5, temperature=0)
-        by_ids = c.completions.create(model="m", prompt=ids, max_tokens=5, temperature=0, logprobs=2)
+        by_text = c.completions.create(model="smollm2", prompt="The sea is", max_tokens=5, temperature=0)
+        by_ids = c.completions.create(model="smollm2", prompt=ids, max_tokens=5, temperature=0, logprobs=2)
         self.assertEqual(by_text.choices[0].text, by_ids.choices[0].text)
         lp = by_ids.choices[0].logprobs
         self.assertEqual(len(lp.tokens), by_ids.usage.completion_tokens)
@@ -207,8 +226,11 @@ class Extension(unittest.TestCase):
         err = e.exception.body
         self.assertEqual(err["code"], "context_length_exceeded")
         self.assertIn(str(CTX), err["message"])
-        self.assertIn("--kv", err["message"])
-        self.assertIn("--ctx", err["message"])
+        # What the client can change is a request field; server flags are named as the
+        # operator's to give.
+        self.assertIn('"longctx": {"kv"', err["message"])
+        self.assertNotIn("--kv", err["message"])
+        self.assertIn("operator", err["message"])
         # The option the message names does fit.
         spec = err["message"].split('"kv": "')[1].split('"')[0]
         r = chat(long, max_tokens=16, temperature=0, extra_body={"longctx": {"kv": spec}})
@@ -240,7 +262,7 @@ class Extension(unittest.TestCase):
 class PrefixCache(unittest.TestCase):
     def ask(self, system, question):
         return client().chat.completions.create(
-            model="m", max_tokens=4, temperature=0, logprobs=True, top_logprobs=3,
+            model="smollm2", max_tokens=4, temperature=0, logprobs=True, top_logprobs=3,
             messages=[{"role": "system", "content": system}, {"role": "user", "content": question}])
 
     def test_a_shared_prefix_is_reused_and_reported(self):
@@ -299,6 +321,44 @@ class Errors(unittest.TestCase):
             with self.assertRaises(openai.BadRequestError) as e:
                 chat(QUESTION, **kwargs)
             self.assertEqual(e.exception.body["param"], param, kwargs)
+
+    def test_temperature_past_float_range_is_reported_as_sent(self):
+        with self.assertRaises(openai.BadRequestError) as e:
+            chat(QUESTION, temperature=1e308)
+        self.assertIn("1e308", e.exception.body["message"])
+        self.assertNotIn("inf", e.exception.body["message"])
+
+    def test_features_not_implemented_are_refused_naming_the_field(self):
+        tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+        for kwargs, param in [({"tools": [tool], "tool_choice": "required"}, "tools"),
+                              ({"response_format": {"type": "json_object"}}, "response_format"),
+                              ({"frequency_penalty": 1e9}, "frequency_penalty"),
+                              ({"logit_bias": {"99999999": 5}}, "logit_bias.99999999")]:
+            with self.assertRaises(openai.BadRequestError) as e:
+                chat(QUESTION, max_tokens=2, **kwargs)
+            self.assertEqual(e.exception.body["param"], param, kwargs)
+
+    def test_only_the_served_model_and_its_aliases_answer(self):
+        with self.assertRaises(openai.NotFoundError) as e:
+            client().chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": QUESTION}], max_tokens=2)
+        self.assertEqual(e.exception.body["code"], "model_not_found")
+        served = client().models.list().data[0].id
+        for name in [served, "smollm2"]:
+            r = client().chat.completions.create(
+                model=name, messages=[{"role": "user", "content": QUESTION}], max_tokens=2)
+            self.assertEqual(r.model, served)
+
+    def test_a_wrong_or_missing_key_is_401(self):
+        with self.assertRaises(openai.AuthenticationError) as e:
+            client(api_key="not-the-key").models.list()
+        self.assertEqual(e.exception.body["code"], "invalid_api_key")
+        url = urllib.parse.urlsplit(BASE)
+        for path, status in [("/v1/models", 401), ("/health", 200)]:
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+            conn.request("GET", path)
+            self.assertEqual(conn.getresponse().status, status, path)
+            conn.close()
 
     def test_body_over_the_limit_is_413(self):
         big = json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]})
@@ -380,7 +440,7 @@ class Disconnect(unittest.TestCase):
         host, port = BASE.split("//")[1].split(":")
         with socket.create_connection((host, int(port))) as s:
             s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                      + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
             deadline = time.time() + 60
             while metric("longctx_requests_processing") == 0:
                 self.assertLess(time.time(), deadline, "the request never started")
