@@ -11,7 +11,7 @@ use longctx::fetch::FetchConfig;
 use longctx::session::{KvDtype, Session};
 use longctx::spec::Spec;
 use longctx_eval::report::{calibration_line, write_report, RunResults};
-use longctx_eval::runner::{self, Event, ModelInfo, RunConfig, RunDir};
+use longctx_eval::runner::{self, Event, ModelInfo, RunConfig, RunDir, RunLock};
 use longctx_eval::task::{task_from_spec, Engine, QueryMode, TaskContext, REGISTRY};
 use longctx_eval::tasks::niah::PRESETS;
 use longctx_eval::tasks::passkey::{self, Passkey, Wording};
@@ -152,6 +152,13 @@ fn evaluate(args: Args) -> Result<()> {
     let mut lengths = args.lengths.clone();
     lengths.sort_unstable();
     lengths.dedup();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("eval-results").join(slug(&args.task)));
+    // Taken before the model loads, so a second run into the folder is refused at once, and
+    // held through calibration too, which writes under it.
+    let lock = RunLock::acquire(&out)?;
 
     let model = args.model.load()?;
     let model_path = longctx::fetch::resolve_model(args.model.model.as_deref())?;
@@ -213,10 +220,6 @@ fn evaluate(args: Args) -> Result<()> {
         text: text.as_ref().map(|t| t.source.clone()),
         longctx_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("eval-results").join(slug(&args.task)));
     let ctx = TaskContext {
         model,
         chat,
@@ -232,7 +235,7 @@ fn evaluate(args: Args) -> Result<()> {
         config.task = longctx_eval::Task::spec(&chosen);
         task = Box::new(chosen);
     }
-    let mut dir = RunDir::open(&out, &config)?;
+    let mut dir = RunDir::open_locked(lock, &config)?;
     let cases = runner::plan(task.as_ref(), &lengths, &args.depths, args.samples)?;
     if args.save_prompts {
         save_prompts(&out, task.as_ref(), &ctx, &cases)?;

@@ -5,7 +5,7 @@
 //! A rerun with the same configuration skips the cases already there; a kill at any moment loses
 //! at most the case in flight, and a line half-written by that kill is dropped on the next start.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,6 +18,8 @@ use crate::{EvalError, Result};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const RESULTS_FILE: &str = "results.jsonl";
+/// Locked by the run writing the folder; it holds that run's process id, for the refusal.
+pub const LOCK_FILE: &str = ".lock";
 
 /// Everything that decides what a case scores. Two runs may share a folder only when these are
 /// equal; the sweep itself (lengths, depths, samples) and the thread count may differ, so a
@@ -63,22 +65,77 @@ pub struct Record {
     pub seconds: f64,
 }
 
+/// A result folder held by one run, so that two runs never both run its cases. The lock is the
+/// operating system's advisory lock on [`LOCK_FILE`]: it goes with its holder, so a killed run
+/// leaves no stale lock behind.
+pub struct RunLock {
+    dir: PathBuf,
+    _file: File,
+}
+
+impl RunLock {
+    /// Takes `dir` (creating it if needed), or refuses at once if another run holds it.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        let write_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| EvalError::Write { path, source }
+        };
+        fs::create_dir_all(dir).map_err(write_err(dir))?;
+        let path = dir.join(LOCK_FILE);
+        // Not truncated on open: until the lock is ours, the holder's pid in it is not ours to erase.
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(write_err(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                // The holder may not have written its pid yet; the refusal stands without it.
+                let holder = fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|text| text.trim().parse::<u32>().ok())
+                    .map_or_else(String::new, |pid| format!(" (pid {pid})"));
+                return Err(EvalError::Invalid(format!(
+                    "{} is in use by another evaluation{holder}, and two runs in one folder would run its cases twice; wait for it or choose another --out",
+                    dir.display()
+                )));
+            }
+            Err(TryLockError::Error(source)) => return Err(write_err(&path)(source)),
+        }
+        file.set_len(0).map_err(write_err(&path))?;
+        writeln!(file, "{}", std::process::id()).map_err(write_err(&path))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            _file: file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
 /// A result folder, open for appending.
 pub struct RunDir {
-    dir: PathBuf,
+    lock: RunLock,
     pub config: RunConfig,
     records: Vec<Record>,
     results: File,
 }
 
 impl RunDir {
-    /// Opens `dir` for `config`, creating it if needed. A folder written with a different
-    /// configuration is refused, naming the first difference.
+    /// Opens `dir` for `config`, creating it if needed; see [`RunDir::open_locked`].
     pub fn open(dir: &Path, config: &RunConfig) -> Result<Self> {
-        fs::create_dir_all(dir).map_err(|source| EvalError::Write {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        Self::open_locked(RunLock::acquire(dir)?, config)
+    }
+
+    /// Opens the folder `lock` holds for `config`, keeping the lock as long as it is open. A
+    /// folder written with a different configuration is refused, naming the first difference.
+    pub fn open_locked(lock: RunLock, config: &RunConfig) -> Result<Self> {
+        let dir = lock.path();
         let config_path = dir.join(CONFIG_FILE);
         match read_config(dir)? {
             Some(existing) => {
@@ -102,7 +159,7 @@ impl RunDir {
                 source,
             })?;
         Ok(Self {
-            dir: dir.to_path_buf(),
+            lock,
             config: config.clone(),
             records,
             results,
@@ -110,7 +167,7 @@ impl RunDir {
     }
 
     pub fn path(&self) -> &Path {
-        &self.dir
+        self.lock.path()
     }
 
     pub fn records(&self) -> &[Record] {
@@ -125,7 +182,7 @@ impl RunDir {
     pub fn append(&mut self, record: Record) -> Result<()> {
         let mut line = serde_json::to_string(&record).expect("records serialize");
         line.push('\n');
-        let path = self.dir.join(RESULTS_FILE);
+        let path = self.path().join(RESULTS_FILE);
         let err = |source| EvalError::Write {
             path: path.clone(),
             source,
@@ -386,6 +443,25 @@ pub(crate) mod tests {
             "{err}"
         );
         assert!(err.contains("yarn:factor=4"), "{err}");
+    }
+
+    #[test]
+    fn a_folder_in_use_is_refused_until_its_run_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = RunDir::open(dir.path(), &config()).unwrap();
+        let err = RunDir::open(dir.path(), &config())
+            .err()
+            .expect("a second runner on the same folder is refused")
+            .to_string();
+        let pid = std::process::id();
+        assert!(
+            err.contains(&format!("is in use by another evaluation (pid {pid})"))
+                && err.contains("wait for it or choose another --out"),
+            "{err}"
+        );
+        // The OS frees the lock with its holder, so an ended (or killed) run leaves none.
+        drop(first);
+        RunDir::open(dir.path(), &config()).unwrap();
     }
 
     #[test]
