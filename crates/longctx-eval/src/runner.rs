@@ -5,6 +5,7 @@
 //! A rerun with the same configuration skips the cases already there; a kill at any moment loses
 //! at most the case in flight, and a line half-written by that kill is dropped on the next start.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -212,9 +213,14 @@ pub fn read_config(dir: &Path) -> Result<Option<RunConfig>> {
 
 /// Reads `results.jsonl`. A last line without its newline was cut by a kill and is dropped (and
 /// cut from the file, so the next append starts on a clean line); a bad line elsewhere means
-/// the file was damaged, which is reported rather than silently skipped.
+/// the file was damaged, which is reported rather than silently skipped. A case recorded more
+/// than once (two runs shared the folder before folders were locked) counts once, as its first
+/// line; the later lines stay in the file, unread.
 pub fn load_records(path: &Path) -> Result<Vec<Record>> {
-    load_jsonl(path)
+    let mut seen = HashSet::new();
+    let mut records = load_jsonl::<Record>(path)?;
+    records.retain(|r| seen.insert(r.case.id()));
+    Ok(records)
 }
 
 /// Reads a JSON-lines file written one durable line at a time, as [`load_records`] describes.
@@ -462,6 +468,36 @@ pub(crate) mod tests {
         // The OS frees the lock with its holder, so an ended (or killed) run leaves none.
         drop(first);
         RunDir::open(dir.path(), &config()).unwrap();
+    }
+
+    #[test]
+    fn a_case_recorded_twice_counts_once() {
+        // What two runs in one folder wrote before folders were locked: every case twice.
+        let dir = tempfile::tempdir().unwrap();
+        let mut run = RunDir::open(dir.path(), &config()).unwrap();
+        let first = [record(1024, 0), record(1024, 1), record(2048, 0)];
+        for r in &first {
+            run.append(r.clone()).unwrap();
+        }
+        let mut later = first.clone();
+        for r in &mut later {
+            r.seconds = 9.0;
+            run.append(r.clone()).unwrap();
+        }
+        drop(run);
+        let path = dir.path().join(RESULTS_FILE);
+        assert_eq!(fs::read_to_string(&path).unwrap().lines().count(), 6);
+
+        let run = RunDir::open(dir.path(), &config()).unwrap();
+        assert_eq!(run.records(), first, "the first line of each case is kept");
+        drop(run);
+        let results = crate::report::RunResults::load(dir.path()).unwrap();
+        crate::report::write_report(dir.path(), &[results]).unwrap();
+        let summary: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.path().join("summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(summary["runs"][0]["cases"], 3);
+        assert_eq!(summary["runs"][0]["wall_seconds"], 1.5);
     }
 
     #[test]
