@@ -152,6 +152,15 @@ fn evaluate(args: Args) -> Result<()> {
     let mut lengths = args.lengths.clone();
     lengths.sort_unstable();
     lengths.dedup();
+    // Planned before the folder is touched, so a sweep the task refuses (a span too short for a
+    // length) leaves nothing behind.
+    let mut cases = runner::plan(task.as_ref(), &lengths, &args.depths, args.samples)?;
+    if args.save_prompts && task.as_synthetic().is_none() {
+        bail!(
+            "--save-prompts is for tasks that generate an answer, not `{}`",
+            task.spec()
+        );
+    }
     let out = args
         .out
         .clone()
@@ -234,11 +243,11 @@ fn evaluate(args: Args) -> Result<()> {
         let chosen = choose_wording(&config, &ctx, &mut engine, &out, digits)?;
         config.task = longctx_eval::Task::spec(&chosen);
         task = Box::new(chosen);
+        cases = runner::plan(task.as_ref(), &lengths, &args.depths, args.samples)?;
     }
     let mut dir = RunDir::open_locked(lock, &config)?;
-    let cases = runner::plan(task.as_ref(), &lengths, &args.depths, args.samples)?;
-    if args.save_prompts {
-        save_prompts(&out, task.as_ref(), &ctx, &cases)?;
+    if let Some(synthetic) = task.as_synthetic().filter(|_| args.save_prompts) {
+        save_prompts(&out, synthetic, &ctx, &cases)?;
     }
     let mut progress = Progress::default();
     runner::run(
@@ -343,16 +352,10 @@ pub fn load_text(name: &str) -> Result<NaturalText> {
 /// Writes the synthesised prompts, so another engine can be fed exactly the same tokens.
 fn save_prompts(
     out: &Path,
-    task: &dyn longctx_eval::Task,
+    synthetic: &dyn longctx_eval::task::Synthetic,
     ctx: &TaskContext,
     cases: &[longctx_eval::Case],
 ) -> Result<()> {
-    let Some(synthetic) = task.as_synthetic() else {
-        bail!(
-            "--save-prompts is for tasks that generate an answer, not `{}`",
-            task.spec()
-        );
-    };
     let mut lines = String::new();
     for case in cases {
         let prompt = synthetic.synthesise(case, ctx)?;

@@ -576,6 +576,34 @@ fn eval_refuses_a_folder_of_another_configuration() {
 }
 
 #[test]
+fn eval_runs_once_a_refused_parameter_is_corrected() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let text = long_text(dir.path());
+    let out = dir.path().join("ppl");
+    let eval = |task: &str| {
+        longctx(&[
+            "eval",
+            task,
+            "--model",
+            &model,
+            "--lengths",
+            "512",
+            "--text",
+            &text,
+            "--threads",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    assert_clean_failure(&eval("ppl:span=256"), "raise it, e.g. ppl:span=512");
+    assert!(!out.join("config.json").exists());
+    let corrected = eval("ppl:span=512");
+    assert!(corrected.status.success(), "{}", stderr(&corrected));
+}
+
+#[test]
 fn eval_bad_inputs_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model();

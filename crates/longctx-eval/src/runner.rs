@@ -123,6 +123,7 @@ impl RunLock {
 pub struct RunDir {
     lock: RunLock,
     pub config: RunConfig,
+    config_written: bool,
     records: Vec<Record>,
     results: File,
 }
@@ -134,23 +135,23 @@ impl RunDir {
     }
 
     /// Opens the folder `lock` holds for `config`, keeping the lock as long as it is open. A
-    /// folder written with a different configuration is refused, naming the first difference.
+    /// folder holding results of a different configuration is refused, naming the first
+    /// difference. `config.json` is written with the first result, so a run refused before it
+    /// finishes a case leaves no configuration to refuse the corrected run; one without results,
+    /// left by such a run of an earlier version, gives way.
     pub fn open_locked(lock: RunLock, config: &RunConfig) -> Result<Self> {
         let dir = lock.path();
-        let config_path = dir.join(CONFIG_FILE);
-        match read_config(dir)? {
-            Some(existing) => {
-                if let Some(field) = first_difference(&existing, config) {
-                    return Err(EvalError::Invalid(format!(
-                        "{} holds results of a different configuration ({field}); use another --out folder, or rerun with the same settings to resume",
-                        dir.display()
-                    )));
-                }
-            }
-            None => write_atomic(&config_path, &to_pretty(config))?,
-        }
         let results_path = dir.join(RESULTS_FILE);
         let records = load_records(&results_path)?;
+        let existing = read_config(dir)?;
+        if let Some(existing) = existing.as_ref().filter(|_| !records.is_empty()) {
+            if let Some(field) = first_difference(existing, config) {
+                return Err(EvalError::Invalid(format!(
+                    "{} holds results of a different configuration ({field}); use another --out folder, or rerun with the same settings to resume",
+                    dir.display()
+                )));
+            }
+        }
         let results = OpenOptions::new()
             .create(true)
             .append(true)
@@ -160,6 +161,7 @@ impl RunDir {
                 source,
             })?;
         Ok(Self {
+            config_written: existing.as_ref() == Some(config),
             lock,
             config: config.clone(),
             records,
@@ -181,6 +183,10 @@ impl RunDir {
 
     /// Appends a finished case and makes it durable before returning.
     pub fn append(&mut self, record: Record) -> Result<()> {
+        if !self.config_written {
+            write_atomic(&self.path().join(CONFIG_FILE), &to_pretty(&self.config))?;
+            self.config_written = true;
+        }
         let mut line = serde_json::to_string(&record).expect("records serialize");
         line.push('\n');
         let path = self.path().join(RESULTS_FILE);
@@ -438,7 +444,9 @@ pub(crate) mod tests {
     #[test]
     fn a_folder_of_another_configuration_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        RunDir::open(dir.path(), &config()).unwrap();
+        let mut run = RunDir::open(dir.path(), &config()).unwrap();
+        run.append(record(1024, 0)).unwrap();
+        drop(run);
         let other = RunConfig {
             rope: "yarn:factor=4".into(),
             ..config()
@@ -468,6 +476,34 @@ pub(crate) mod tests {
         // The OS frees the lock with its holder, so an ended (or killed) run leaves none.
         drop(first);
         RunDir::open(dir.path(), &config()).unwrap();
+    }
+
+    #[test]
+    fn a_run_refused_before_its_first_case_leaves_no_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(RunDir::open(dir.path(), &config()).unwrap());
+        assert!(!dir.path().join(CONFIG_FILE).exists());
+        let corrected = RunConfig {
+            task: "passkey:digits=7".into(),
+            ..config()
+        };
+        let mut run = RunDir::open(dir.path(), &corrected).unwrap();
+        run.append(record(1024, 0)).unwrap();
+        assert_eq!(read_config(dir.path()).unwrap(), Some(corrected));
+    }
+
+    #[test]
+    fn a_configuration_without_results_gives_way_to_the_corrected_one() {
+        // What a refused run of an earlier version left: config.json and no results.
+        let dir = tempfile::tempdir().unwrap();
+        write_atomic(&dir.path().join(CONFIG_FILE), &to_pretty(&config())).unwrap();
+        let corrected = RunConfig {
+            seed: 7,
+            ..config()
+        };
+        let mut run = RunDir::open(dir.path(), &corrected).unwrap();
+        run.append(record(1024, 0)).unwrap();
+        assert_eq!(read_config(dir.path()).unwrap(), Some(corrected));
     }
 
     #[test]
