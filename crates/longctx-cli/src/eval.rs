@@ -223,7 +223,7 @@ fn evaluate(args: Args) -> Result<()> {
             KvDtype::F16 => "f16".into(),
             KvDtype::F32 => "f32".into(),
         },
-        chunk_size: options.chunk_size,
+        chunk_size: args.engine.chunk_size,
         chat_template: chat.is_some(),
         seed: args.seed,
         text: text.as_ref().map(|t| t.source.clone()),

@@ -576,6 +576,41 @@ fn eval_refuses_a_folder_of_another_configuration() {
 }
 
 #[test]
+fn eval_adds_a_longer_length_to_a_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let out = dir.path().join("run");
+    let eval = |lengths: &str| {
+        longctx(&[
+            "eval",
+            "passkey",
+            "--model",
+            &model,
+            "--lengths",
+            lengths,
+            "--depths",
+            "50",
+            "--threads",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let short = eval("256");
+    assert!(short.status.success(), "{}", stderr(&short));
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["chunk_size"], 512,
+        "the chosen chunk size, not its clamp"
+    );
+    let longer = eval("256,512");
+    let err = stderr(&longer);
+    assert!(longer.status.success(), "{err}");
+    assert!(err.contains("resuming: 1 of 2 cases already done"), "{err}");
+}
+
+#[test]
 fn eval_runs_once_a_refused_parameter_is_corrected() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model();

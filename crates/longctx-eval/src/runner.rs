@@ -39,6 +39,8 @@ pub struct RunConfig {
     #[serde(default)]
     pub query: QueryMode,
     pub kv_dtype: String,
+    /// Tokens per prefill chunk as chosen, not as a session clamps it to its context: the clamp
+    /// follows the longest length, which a folder may grow later.
     pub chunk_size: usize,
     /// Whether prompts were wrapped in the model's chat template.
     pub chat_template: bool,
@@ -145,7 +147,8 @@ impl RunDir {
         let records = load_records(&results_path)?;
         let existing = read_config(dir)?;
         if let Some(existing) = existing.as_ref().filter(|_| !records.is_empty()) {
-            if let Some(field) = first_difference(existing, config) {
+            let existing = as_chosen(existing, config.chunk_size, &records);
+            if let Some(field) = first_difference(&existing, config) {
                 return Err(EvalError::Invalid(format!(
                     "{} holds results of a different configuration ({field}); use another --out folder, or rerun with the same settings to resume",
                     dir.display()
@@ -340,6 +343,18 @@ pub fn run(
     Ok(())
 }
 
+/// `existing` with the chunk size `chosen` where the two run every recorded case alike: a case
+/// no longer than both is prefilled as one chunk under either. Folders written before the chosen
+/// chunk size was recorded hold it clamped to their longest length, which this accepts.
+fn as_chosen(existing: &RunConfig, chosen: usize, records: &[Record]) -> RunConfig {
+    let fits_both = existing.chunk_size.min(chosen);
+    let alike = records.iter().all(|r| r.case.length <= fits_both);
+    RunConfig {
+        chunk_size: if alike { chosen } else { existing.chunk_size },
+        ..existing.clone()
+    }
+}
+
 fn first_difference(a: &RunConfig, b: &RunConfig) -> Option<String> {
     let (a, b) = (
         serde_json::to_value(a).expect("config serializes"),
@@ -504,6 +519,48 @@ pub(crate) mod tests {
         let mut run = RunDir::open(dir.path(), &corrected).unwrap();
         run.append(record(1024, 0)).unwrap();
         assert_eq!(read_config(dir.path()).unwrap(), Some(corrected));
+    }
+
+    #[test]
+    fn a_chunk_size_recorded_clamped_to_the_lengths_is_the_same_run() {
+        // Before the chosen chunk size was recorded, `--lengths 256` recorded the default 512
+        // clamped to 256; every case ran in one chunk, as it does under 512.
+        let dir = tempfile::tempdir().unwrap();
+        let clamped = RunConfig {
+            chunk_size: 256,
+            ..config()
+        };
+        let mut run = RunDir::open(dir.path(), &clamped).unwrap();
+        run.append(record(256, 0)).unwrap();
+        drop(run);
+        let mut run = RunDir::open(dir.path(), &config()).unwrap();
+        assert_eq!(run.records(), [record(256, 0)]);
+        run.append(record(256, 1)).unwrap();
+        assert_eq!(read_config(dir.path()).unwrap(), Some(config()));
+        drop(run);
+        // And the other way: 256 chosen on a folder of 512 whose cases all fit 256.
+        let mut run = RunDir::open(dir.path(), &clamped).unwrap();
+        run.append(record(256, 2)).unwrap();
+        drop(run);
+        let mut run = RunDir::open(dir.path(), &config()).unwrap();
+        run.append(record(1024, 0)).unwrap();
+        assert_eq!(run.records().len(), 4);
+        drop(run);
+
+        // A folder whose cases ran in more than one chunk under either size is another run.
+        let dir = tempfile::tempdir().unwrap();
+        let small = RunConfig {
+            chunk_size: 128,
+            ..config()
+        };
+        let mut run = RunDir::open(dir.path(), &small).unwrap();
+        run.append(record(256, 0)).unwrap();
+        drop(run);
+        let err = RunDir::open(dir.path(), &config())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("chunk_size was 128, now 512"), "{err}");
     }
 
     #[test]
