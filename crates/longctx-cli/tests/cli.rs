@@ -576,6 +576,40 @@ fn eval_refuses_a_folder_of_another_configuration() {
 }
 
 #[test]
+fn eval_refuses_a_folder_another_process_holds_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("held");
+    fs::create_dir_all(&out).unwrap();
+    // This test process stands for a run in progress: it holds the lock as a run does.
+    let lock = fs::File::create(out.join(".lock")).unwrap();
+    lock.lock().unwrap();
+    fs::write(out.join(".lock"), format!("{}\n", std::process::id())).unwrap();
+    // Refused before the model loads: a model that does not exist is never looked at.
+    let run = longctx(&[
+        "eval",
+        "passkey",
+        "--model",
+        dir.path().join("absent.gguf").to_str().unwrap(),
+        "--lengths",
+        "512",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_failure(
+        &run,
+        &format!(
+            "is in use by another evaluation (pid {})",
+            std::process::id()
+        ),
+    );
+    assert!(stderr(&run).contains("wait for it or choose another --out"));
+    assert!(!out.join("config.json").exists());
+    drop(lock);
+    let freed = eval_tiny(&out, &[]);
+    assert!(freed.status.success(), "{}", stderr(&freed));
+}
+
+#[test]
 fn eval_adds_a_longer_length_to_a_folder() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model();
