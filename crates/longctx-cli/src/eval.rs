@@ -11,7 +11,7 @@ use longctx::fetch::FetchConfig;
 use longctx::session::{KvDtype, Session};
 use longctx::spec::Spec;
 use longctx_eval::report::{calibration_line, write_report, RunResults};
-use longctx_eval::runner::{self, Event, ModelInfo, RunConfig, RunDir};
+use longctx_eval::runner::{self, Event, ModelInfo, RunConfig, RunDir, RunLock};
 use longctx_eval::task::{task_from_spec, Engine, QueryMode, TaskContext, REGISTRY};
 use longctx_eval::tasks::niah::PRESETS;
 use longctx_eval::tasks::passkey::{self, Passkey, Wording};
@@ -152,6 +152,22 @@ fn evaluate(args: Args) -> Result<()> {
     let mut lengths = args.lengths.clone();
     lengths.sort_unstable();
     lengths.dedup();
+    // Planned before the folder is touched, so a sweep the task refuses (a span too short for a
+    // length) leaves nothing behind.
+    let mut cases = runner::plan(task.as_ref(), &lengths, &args.depths, args.samples)?;
+    if args.save_prompts && task.as_synthetic().is_none() {
+        bail!(
+            "--save-prompts is for tasks that generate an answer, not `{}`",
+            task.spec()
+        );
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("eval-results").join(slug(&args.task)));
+    // Taken before the model loads, so a second run into the folder is refused at once, and
+    // held through calibration too, which writes under it.
+    let lock = RunLock::acquire(&out)?;
 
     let model = args.model.load()?;
     let model_path = longctx::fetch::resolve_model(args.model.model.as_deref())?;
@@ -207,16 +223,12 @@ fn evaluate(args: Args) -> Result<()> {
             KvDtype::F16 => "f16".into(),
             KvDtype::F32 => "f32".into(),
         },
-        chunk_size: options.chunk_size,
+        chunk_size: args.engine.chunk_size,
         chat_template: chat.is_some(),
         seed: args.seed,
         text: text.as_ref().map(|t| t.source.clone()),
         longctx_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("eval-results").join(slug(&args.task)));
     let ctx = TaskContext {
         model,
         chat,
@@ -231,11 +243,11 @@ fn evaluate(args: Args) -> Result<()> {
         let chosen = choose_wording(&config, &ctx, &mut engine, &out, digits)?;
         config.task = longctx_eval::Task::spec(&chosen);
         task = Box::new(chosen);
+        cases = runner::plan(task.as_ref(), &lengths, &args.depths, args.samples)?;
     }
-    let mut dir = RunDir::open(&out, &config)?;
-    let cases = runner::plan(task.as_ref(), &lengths, &args.depths, args.samples)?;
-    if args.save_prompts {
-        save_prompts(&out, task.as_ref(), &ctx, &cases)?;
+    let mut dir = RunDir::open_locked(lock, &config)?;
+    if let Some(synthetic) = task.as_synthetic().filter(|_| args.save_prompts) {
+        save_prompts(&out, synthetic, &ctx, &cases)?;
     }
     let mut progress = Progress::default();
     runner::run(
@@ -340,16 +352,10 @@ pub fn load_text(name: &str) -> Result<NaturalText> {
 /// Writes the synthesised prompts, so another engine can be fed exactly the same tokens.
 fn save_prompts(
     out: &Path,
-    task: &dyn longctx_eval::Task,
+    synthetic: &dyn longctx_eval::task::Synthetic,
     ctx: &TaskContext,
     cases: &[longctx_eval::Case],
 ) -> Result<()> {
-    let Some(synthetic) = task.as_synthetic() else {
-        bail!(
-            "--save-prompts is for tasks that generate an answer, not `{}`",
-            task.spec()
-        );
-    };
     let mut lines = String::new();
     for case in cases {
         let prompt = synthetic.synthesise(case, ctx)?;

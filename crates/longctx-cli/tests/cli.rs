@@ -576,6 +576,103 @@ fn eval_refuses_a_folder_of_another_configuration() {
 }
 
 #[test]
+fn eval_refuses_a_folder_another_process_holds_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("held");
+    fs::create_dir_all(&out).unwrap();
+    // This test process stands for a run in progress: it holds the lock as a run does.
+    let lock = fs::File::create(out.join(".lock")).unwrap();
+    lock.lock().unwrap();
+    fs::write(out.join(".lock"), format!("{}\n", std::process::id())).unwrap();
+    // Refused before the model loads: a model that does not exist is never looked at.
+    let run = longctx(&[
+        "eval",
+        "passkey",
+        "--model",
+        dir.path().join("absent.gguf").to_str().unwrap(),
+        "--lengths",
+        "512",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_failure(
+        &run,
+        &format!(
+            "is in use by another evaluation (pid {})",
+            std::process::id()
+        ),
+    );
+    assert!(stderr(&run).contains("wait for it or choose another --out"));
+    assert!(!out.join("config.json").exists());
+    drop(lock);
+    let freed = eval_tiny(&out, &[]);
+    assert!(freed.status.success(), "{}", stderr(&freed));
+}
+
+#[test]
+fn eval_adds_a_longer_length_to_a_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let out = dir.path().join("run");
+    let eval = |lengths: &str| {
+        longctx(&[
+            "eval",
+            "passkey",
+            "--model",
+            &model,
+            "--lengths",
+            lengths,
+            "--depths",
+            "50",
+            "--threads",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let short = eval("256");
+    assert!(short.status.success(), "{}", stderr(&short));
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["chunk_size"], 512,
+        "the chosen chunk size, not its clamp"
+    );
+    let longer = eval("256,512");
+    let err = stderr(&longer);
+    assert!(longer.status.success(), "{err}");
+    assert!(err.contains("resuming: 1 of 2 cases already done"), "{err}");
+}
+
+#[test]
+fn eval_runs_once_a_refused_parameter_is_corrected() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model();
+    let text = long_text(dir.path());
+    let out = dir.path().join("ppl");
+    let eval = |task: &str| {
+        longctx(&[
+            "eval",
+            task,
+            "--model",
+            &model,
+            "--lengths",
+            "512",
+            "--text",
+            &text,
+            "--threads",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    assert_clean_failure(&eval("ppl:span=256"), "raise it, e.g. ppl:span=512");
+    assert!(!out.join("config.json").exists());
+    let corrected = eval("ppl:span=512");
+    assert!(corrected.status.success(), "{}", stderr(&corrected));
+}
+
+#[test]
 fn eval_bad_inputs_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model();

@@ -5,7 +5,8 @@
 //! A rerun with the same configuration skips the cases already there; a kill at any moment loses
 //! at most the case in flight, and a line half-written by that kill is dropped on the next start.
 
-use std::fs::{self, File, OpenOptions};
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,6 +19,8 @@ use crate::{EvalError, Result};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const RESULTS_FILE: &str = "results.jsonl";
+/// Locked by the run writing the folder; it holds that run's process id, for the refusal.
+pub const LOCK_FILE: &str = ".lock";
 
 /// Everything that decides what a case scores. Two runs may share a folder only when these are
 /// equal; the sweep itself (lengths, depths, samples) and the thread count may differ, so a
@@ -36,6 +39,8 @@ pub struct RunConfig {
     #[serde(default)]
     pub query: QueryMode,
     pub kv_dtype: String,
+    /// Tokens per prefill chunk as chosen, not as a session clamps it to its context: the clamp
+    /// follows the longest length, which a folder may grow later.
     pub chunk_size: usize,
     /// Whether prompts were wrapped in the model's chat template.
     pub chat_template: bool,
@@ -63,36 +68,93 @@ pub struct Record {
     pub seconds: f64,
 }
 
+/// A result folder held by one run, so that two runs never both run its cases. The lock is the
+/// operating system's advisory lock on [`LOCK_FILE`]: it goes with its holder, so a killed run
+/// leaves no stale lock behind.
+pub struct RunLock {
+    dir: PathBuf,
+    _file: File,
+}
+
+impl RunLock {
+    /// Takes `dir` (creating it if needed), or refuses at once if another run holds it.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        let write_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| EvalError::Write { path, source }
+        };
+        fs::create_dir_all(dir).map_err(write_err(dir))?;
+        let path = dir.join(LOCK_FILE);
+        // Not truncated on open: until the lock is ours, the holder's pid in it is not ours to erase.
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(write_err(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                // The holder may not have written its pid yet; the refusal stands without it.
+                let holder = fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|text| text.trim().parse::<u32>().ok())
+                    .map_or_else(String::new, |pid| format!(" (pid {pid})"));
+                return Err(EvalError::Invalid(format!(
+                    "{} is in use by another evaluation{holder}, and two runs in one folder would run its cases twice; wait for it or choose another --out",
+                    dir.display()
+                )));
+            }
+            Err(TryLockError::Error(source)) => return Err(write_err(&path)(source)),
+        }
+        file.set_len(0).map_err(write_err(&path))?;
+        writeln!(file, "{}", std::process::id()).map_err(write_err(&path))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            _file: file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
 /// A result folder, open for appending.
 pub struct RunDir {
-    dir: PathBuf,
+    lock: RunLock,
     pub config: RunConfig,
+    config_written: bool,
     records: Vec<Record>,
     results: File,
 }
 
 impl RunDir {
-    /// Opens `dir` for `config`, creating it if needed. A folder written with a different
-    /// configuration is refused, naming the first difference.
+    /// Opens `dir` for `config`, creating it if needed; see [`RunDir::open_locked`].
     pub fn open(dir: &Path, config: &RunConfig) -> Result<Self> {
-        fs::create_dir_all(dir).map_err(|source| EvalError::Write {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let config_path = dir.join(CONFIG_FILE);
-        match read_config(dir)? {
-            Some(existing) => {
-                if let Some(field) = first_difference(&existing, config) {
-                    return Err(EvalError::Invalid(format!(
-                        "{} holds results of a different configuration ({field}); use another --out folder, or rerun with the same settings to resume",
-                        dir.display()
-                    )));
-                }
-            }
-            None => write_atomic(&config_path, &to_pretty(config))?,
-        }
+        Self::open_locked(RunLock::acquire(dir)?, config)
+    }
+
+    /// Opens the folder `lock` holds for `config`, keeping the lock as long as it is open. A
+    /// folder holding results of a different configuration is refused, naming the first
+    /// difference. `config.json` is written with the first result, so a run refused before it
+    /// finishes a case leaves no configuration to refuse the corrected run; one without results,
+    /// left by such a run of an earlier version, gives way.
+    pub fn open_locked(lock: RunLock, config: &RunConfig) -> Result<Self> {
+        let dir = lock.path();
         let results_path = dir.join(RESULTS_FILE);
         let records = load_records(&results_path)?;
+        let existing = read_config(dir)?;
+        if let Some(existing) = existing.as_ref().filter(|_| !records.is_empty()) {
+            let existing = as_chosen(existing, config.chunk_size, &records);
+            if let Some(field) = first_difference(&existing, config) {
+                return Err(EvalError::Invalid(format!(
+                    "{} holds results of a different configuration ({field}); use another --out folder, or rerun with the same settings to resume",
+                    dir.display()
+                )));
+            }
+        }
         let results = OpenOptions::new()
             .create(true)
             .append(true)
@@ -102,7 +164,8 @@ impl RunDir {
                 source,
             })?;
         Ok(Self {
-            dir: dir.to_path_buf(),
+            config_written: existing.as_ref() == Some(config),
+            lock,
             config: config.clone(),
             records,
             results,
@@ -110,7 +173,7 @@ impl RunDir {
     }
 
     pub fn path(&self) -> &Path {
-        &self.dir
+        self.lock.path()
     }
 
     pub fn records(&self) -> &[Record] {
@@ -123,9 +186,13 @@ impl RunDir {
 
     /// Appends a finished case and makes it durable before returning.
     pub fn append(&mut self, record: Record) -> Result<()> {
+        if !self.config_written {
+            write_atomic(&self.path().join(CONFIG_FILE), &to_pretty(&self.config))?;
+            self.config_written = true;
+        }
         let mut line = serde_json::to_string(&record).expect("records serialize");
         line.push('\n');
-        let path = self.dir.join(RESULTS_FILE);
+        let path = self.path().join(RESULTS_FILE);
         let err = |source| EvalError::Write {
             path: path.clone(),
             source,
@@ -155,9 +222,14 @@ pub fn read_config(dir: &Path) -> Result<Option<RunConfig>> {
 
 /// Reads `results.jsonl`. A last line without its newline was cut by a kill and is dropped (and
 /// cut from the file, so the next append starts on a clean line); a bad line elsewhere means
-/// the file was damaged, which is reported rather than silently skipped.
+/// the file was damaged, which is reported rather than silently skipped. A case recorded more
+/// than once (two runs shared the folder before folders were locked) counts once, as its first
+/// line; the later lines stay in the file, unread.
 pub fn load_records(path: &Path) -> Result<Vec<Record>> {
-    load_jsonl(path)
+    let mut seen = HashSet::new();
+    let mut records = load_jsonl::<Record>(path)?;
+    records.retain(|r| seen.insert(r.case.id()));
+    Ok(records)
 }
 
 /// Reads a JSON-lines file written one durable line at a time, as [`load_records`] describes.
@@ -271,6 +343,18 @@ pub fn run(
     Ok(())
 }
 
+/// `existing` with the chunk size `chosen` where the two run every recorded case alike: a case
+/// no longer than both is prefilled as one chunk under either. Folders written before the chosen
+/// chunk size was recorded hold it clamped to their longest length, which this accepts.
+fn as_chosen(existing: &RunConfig, chosen: usize, records: &[Record]) -> RunConfig {
+    let fits_both = existing.chunk_size.min(chosen);
+    let alike = records.iter().all(|r| r.case.length <= fits_both);
+    RunConfig {
+        chunk_size: if alike { chosen } else { existing.chunk_size },
+        ..existing.clone()
+    }
+}
+
 fn first_difference(a: &RunConfig, b: &RunConfig) -> Option<String> {
     let (a, b) = (
         serde_json::to_value(a).expect("config serializes"),
@@ -375,7 +459,9 @@ pub(crate) mod tests {
     #[test]
     fn a_folder_of_another_configuration_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        RunDir::open(dir.path(), &config()).unwrap();
+        let mut run = RunDir::open(dir.path(), &config()).unwrap();
+        run.append(record(1024, 0)).unwrap();
+        drop(run);
         let other = RunConfig {
             rope: "yarn:factor=4".into(),
             ..config()
@@ -386,6 +472,125 @@ pub(crate) mod tests {
             "{err}"
         );
         assert!(err.contains("yarn:factor=4"), "{err}");
+    }
+
+    #[test]
+    fn a_folder_in_use_is_refused_until_its_run_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = RunDir::open(dir.path(), &config()).unwrap();
+        let err = RunDir::open(dir.path(), &config())
+            .err()
+            .expect("a second runner on the same folder is refused")
+            .to_string();
+        let pid = std::process::id();
+        assert!(
+            err.contains(&format!("is in use by another evaluation (pid {pid})"))
+                && err.contains("wait for it or choose another --out"),
+            "{err}"
+        );
+        // The OS frees the lock with its holder, so an ended (or killed) run leaves none.
+        drop(first);
+        RunDir::open(dir.path(), &config()).unwrap();
+    }
+
+    #[test]
+    fn a_run_refused_before_its_first_case_leaves_no_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(RunDir::open(dir.path(), &config()).unwrap());
+        assert!(!dir.path().join(CONFIG_FILE).exists());
+        let corrected = RunConfig {
+            task: "passkey:digits=7".into(),
+            ..config()
+        };
+        let mut run = RunDir::open(dir.path(), &corrected).unwrap();
+        run.append(record(1024, 0)).unwrap();
+        assert_eq!(read_config(dir.path()).unwrap(), Some(corrected));
+    }
+
+    #[test]
+    fn a_configuration_without_results_gives_way_to_the_corrected_one() {
+        // What a refused run of an earlier version left: config.json and no results.
+        let dir = tempfile::tempdir().unwrap();
+        write_atomic(&dir.path().join(CONFIG_FILE), &to_pretty(&config())).unwrap();
+        let corrected = RunConfig {
+            seed: 7,
+            ..config()
+        };
+        let mut run = RunDir::open(dir.path(), &corrected).unwrap();
+        run.append(record(1024, 0)).unwrap();
+        assert_eq!(read_config(dir.path()).unwrap(), Some(corrected));
+    }
+
+    #[test]
+    fn a_chunk_size_recorded_clamped_to_the_lengths_is_the_same_run() {
+        // Before the chosen chunk size was recorded, `--lengths 256` recorded the default 512
+        // clamped to 256; every case ran in one chunk, as it does under 512.
+        let dir = tempfile::tempdir().unwrap();
+        let clamped = RunConfig {
+            chunk_size: 256,
+            ..config()
+        };
+        let mut run = RunDir::open(dir.path(), &clamped).unwrap();
+        run.append(record(256, 0)).unwrap();
+        drop(run);
+        let mut run = RunDir::open(dir.path(), &config()).unwrap();
+        assert_eq!(run.records(), [record(256, 0)]);
+        run.append(record(256, 1)).unwrap();
+        assert_eq!(read_config(dir.path()).unwrap(), Some(config()));
+        drop(run);
+        // And the other way: 256 chosen on a folder of 512 whose cases all fit 256.
+        let mut run = RunDir::open(dir.path(), &clamped).unwrap();
+        run.append(record(256, 2)).unwrap();
+        drop(run);
+        let mut run = RunDir::open(dir.path(), &config()).unwrap();
+        run.append(record(1024, 0)).unwrap();
+        assert_eq!(run.records().len(), 4);
+        drop(run);
+
+        // A folder whose cases ran in more than one chunk under either size is another run.
+        let dir = tempfile::tempdir().unwrap();
+        let small = RunConfig {
+            chunk_size: 128,
+            ..config()
+        };
+        let mut run = RunDir::open(dir.path(), &small).unwrap();
+        run.append(record(256, 0)).unwrap();
+        drop(run);
+        let err = RunDir::open(dir.path(), &config())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("chunk_size was 128, now 512"), "{err}");
+    }
+
+    #[test]
+    fn a_case_recorded_twice_counts_once() {
+        // What two runs in one folder wrote before folders were locked: every case twice.
+        let dir = tempfile::tempdir().unwrap();
+        let mut run = RunDir::open(dir.path(), &config()).unwrap();
+        let first = [record(1024, 0), record(1024, 1), record(2048, 0)];
+        for r in &first {
+            run.append(r.clone()).unwrap();
+        }
+        let mut later = first.clone();
+        for r in &mut later {
+            r.seconds = 9.0;
+            run.append(r.clone()).unwrap();
+        }
+        drop(run);
+        let path = dir.path().join(RESULTS_FILE);
+        assert_eq!(fs::read_to_string(&path).unwrap().lines().count(), 6);
+
+        let run = RunDir::open(dir.path(), &config()).unwrap();
+        assert_eq!(run.records(), first, "the first line of each case is kept");
+        drop(run);
+        let results = crate::report::RunResults::load(dir.path()).unwrap();
+        crate::report::write_report(dir.path(), &[results]).unwrap();
+        let summary: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.path().join("summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(summary["runs"][0]["cases"], 3);
+        assert_eq!(summary["runs"][0]["wall_seconds"], 1.5);
     }
 
     #[test]
