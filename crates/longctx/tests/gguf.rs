@@ -174,6 +174,22 @@ fn a_row_that_is_not_whole_blocks_is_refused() {
 }
 
 #[test]
+fn a_model_with_no_layers_is_refused() {
+    let mut bytes = fixture("llama-q8_0.gguf");
+    let at = value_at(&bytes, "llama.block_count");
+    put(&mut bytes, at, &0u32.to_le_bytes());
+    refused(load(&bytes), "llama.block_count");
+}
+
+#[test]
+fn a_model_with_more_layers_than_tensors_is_refused() {
+    let mut bytes = fixture("gemma3-q5_0.gguf");
+    let at = value_at(&bytes, "gemma3.block_count");
+    put(&mut bytes, at, &u32::MAX.to_le_bytes());
+    refused(load(&bytes), "gemma3.block_count");
+}
+
+#[test]
 fn a_missing_tensor_is_refused_by_name() {
     let mut bytes = fixture("llama-q8_0.gguf");
     let at = after_string(&bytes, "blk.1.ffn_up.weight") - 2;
