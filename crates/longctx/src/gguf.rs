@@ -307,14 +307,20 @@ impl<'a> Header<'a> {
     fn count(&mut self, min_size: usize, what: &str) -> Result<usize> {
         let n = self.length(what)?;
         let left = self.bytes.len() - self.pos;
-        usize::try_from(n)
+        let need = usize::try_from(n)
             .ok()
-            .filter(|&n| n.checked_mul(min_size).is_some_and(|need| need <= left))
-            .ok_or_else(|| {
-                self.damaged(format!(
-                    "{what} is {n}, more than the {left} bytes left in the file could hold"
-                ))
-            })
+            .and_then(|n| n.checked_mul(min_size).map(|need| (n, need)));
+        match need {
+            Some((n, need)) if need <= left => Ok(n),
+            // A count a file could hold, cut short, is what an interrupted download looks like.
+            Some((_, need)) => Err(Error::Truncated {
+                path: self.path.to_path_buf(),
+                detail: format!(
+                    "{what} is {n}, needing at least {need} bytes, but only {left} are left"
+                ),
+            }),
+            None => Err(self.damaged(format!("{what} is {n}, more than any file could hold"))),
+        }
     }
 
     fn string(&mut self, what: &str) -> Result<String> {

@@ -108,6 +108,22 @@ fn every_fixture_opens_and_loads() {
 }
 
 #[test]
+fn a_header_cut_short_is_reported_as_truncated() {
+    let bytes = fixture("llama-q8_0.gguf");
+    // Inside the vocabulary: its array declares more strings than the bytes left could hold.
+    let cut = after_string(&bytes, "tokenizer.ggml.tokens") + 100;
+    refused(open(&bytes[..cut]), "is truncated");
+    refused(open(&bytes[..100]), "is truncated");
+}
+
+#[test]
+fn a_count_no_file_could_hold_is_refused_as_damage() {
+    let mut bytes = fixture("llama-q8_0.gguf");
+    put(&mut bytes, 8, &u64::MAX.to_le_bytes());
+    refused(open(&bytes), "is damaged: the tensor count");
+}
+
+#[test]
 fn a_zero_alignment_is_refused() {
     let message = refused(open(&with_alignment(0)), "general.alignment");
     assert!(message.contains("power of two"), "{message}");
