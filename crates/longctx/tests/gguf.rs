@@ -2,12 +2,48 @@
 //! with a few header bytes changed, and each must be refused with a sentence, never a panic,
 //! a wrapped sum or a read of a neighbour's bytes.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use longctx::gguf::Gguf;
+use longctx::fetch::FetchConfig;
+use longctx::gguf::{Gguf, MetaValue};
 use longctx::session::Model;
 use longctx::Result;
+use proptest::prelude::*;
+use proptest::sample::Index;
+
+/// Records the largest single allocation asked for: a count or length read from a damaged
+/// file must not size an allocation past what the file could hold.
+struct PeakAllocator;
+
+static LARGEST_ALLOCATION: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for PeakAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST_ALLOCATION.fetch_max(layout.size(), Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LARGEST_ALLOCATION.fetch_max(layout.size(), Ordering::Relaxed);
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST_ALLOCATION.fetch_max(new_size, Ordering::Relaxed);
+        System.realloc(ptr, layout, new_size)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: PeakAllocator = PeakAllocator;
+
+/// Far above any fixture (5 MB at most) and what loading one needs, far below what a length
+/// from a damaged header could ask for.
+const ALLOCATION_LIMIT: usize = 256 << 20;
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -212,4 +248,278 @@ fn a_missing_tensor_is_refused_by_name() {
     // Renamed to a name the loader does not look for.
     put(&mut bytes, at, b"xx");
     refused(load(&bytes), "blk.1.ffn_up.weight");
+}
+
+/// A fixture as the fuzzer mutates it: where its header ends and where the fields a damaged
+/// file is most likely to get wrong lie, so most mutations land where the reader looks.
+struct Target {
+    name: String,
+    bytes: Vec<u8>,
+    header_len: usize,
+    /// Tensor records: (dtype, offset, first dim, number of dims) positions.
+    tensors: Vec<(usize, usize, usize, usize)>,
+    /// Integer metadata values: (position, width in bytes).
+    numbers: Vec<(usize, usize)>,
+}
+
+impl Target {
+    fn new(name: &str, bytes: Vec<u8>) -> Self {
+        let g = open(&bytes).unwrap();
+        let data: usize = g
+            .tensor_names()
+            .map(|t| g.tensor(t).unwrap().bytes.len())
+            .sum();
+        let tensors = g
+            .tensor_names()
+            .map(|t| {
+                let r = tensor_record(&bytes, t);
+                (r.dtype, r.offset, r.dims, (r.dtype - r.dims) / 8)
+            })
+            .collect();
+        let numbers = g
+            .metadata()
+            .iter()
+            .filter_map(|(key, value)| {
+                let width = match value {
+                    MetaValue::U8(_) | MetaValue::I8(_) => 1,
+                    MetaValue::U16(_) | MetaValue::I16(_) => 2,
+                    MetaValue::U32(_) | MetaValue::I32(_) => 4,
+                    MetaValue::U64(_) | MetaValue::I64(_) => 8,
+                    _ => return None,
+                };
+                Some((value_at(&bytes, key), width))
+            })
+            .collect();
+        Self {
+            name: name.to_string(),
+            header_len: bytes.len() - data,
+            bytes,
+            tensors,
+            numbers,
+        }
+    }
+}
+
+fn targets() -> &'static [Target] {
+    static TARGETS: OnceLock<Vec<Target>> = OnceLock::new();
+    TARGETS.get_or_init(|| {
+        fixture_names()
+            .iter()
+            .map(|name| Target::new(name, fixture(name)))
+            .collect()
+    })
+}
+
+#[derive(Debug, Clone)]
+enum Mutation {
+    FlipBit {
+        at: Index,
+        bit: u8,
+    },
+    /// A little-endian word of 1 to 8 bytes anywhere in the header.
+    Word {
+        at: Index,
+        width: u8,
+        value: u64,
+    },
+    /// A tensor record's type (field 0), offset (1) or a dimension (2 and up).
+    TensorField {
+        tensor: Index,
+        field: u8,
+        value: u64,
+    },
+    /// An integer metadata value, such as a layer or head count.
+    Number {
+        key: Index,
+        value: u64,
+    },
+    Truncate {
+        at: Index,
+    },
+    Insert {
+        at: Index,
+        bytes: Vec<u8>,
+    },
+    Remove {
+        at: Index,
+        len: usize,
+    },
+}
+
+fn extreme() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        Just(0),
+        Just(1),
+        Just(u64::MAX),
+        Just(u64::MAX - 31),
+        Just(1 << 63),
+        Just(u64::from(u32::MAX)),
+        Just(1 << 32),
+        0u64..64,
+        any::<u64>(),
+    ]
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (any::<Index>(), 0u8..8).prop_map(|(at, bit)| Mutation::FlipBit { at, bit }),
+        (any::<Index>(), 1u8..=8, extreme()).prop_map(|(at, width, value)| Mutation::Word {
+            at,
+            width,
+            value
+        }),
+        (any::<Index>(), 0u8..6, extreme()).prop_map(|(tensor, field, value)| {
+            Mutation::TensorField {
+                tensor,
+                field,
+                value,
+            }
+        }),
+        (any::<Index>(), extreme()).prop_map(|(key, value)| Mutation::Number { key, value }),
+        any::<Index>().prop_map(|at| Mutation::Truncate { at }),
+        (any::<Index>(), prop::collection::vec(any::<u8>(), 1..16))
+            .prop_map(|(at, bytes)| Mutation::Insert { at, bytes }),
+        (any::<Index>(), 1usize..16).prop_map(|(at, len)| Mutation::Remove { at, len }),
+    ]
+}
+
+fn put_word(bytes: &mut [u8], at: usize, width: usize, value: u64) {
+    let width = width.min(bytes.len() - at);
+    put(bytes, at, &value.to_le_bytes()[..width]);
+}
+
+fn mutate(target: &Target, mutations: &[Mutation]) -> Vec<u8> {
+    let mut bytes = target.bytes.clone();
+    for m in mutations {
+        // Earlier mutations may have cut the file or moved the header's end.
+        let header = target.header_len.min(bytes.len());
+        if header == 0 {
+            break;
+        }
+        match m {
+            Mutation::FlipBit { at, bit } => bytes[at.index(header)] ^= 1 << bit,
+            Mutation::Word { at, width, value } => {
+                put_word(&mut bytes, at.index(header), *width as usize, *value)
+            }
+            Mutation::TensorField {
+                tensor,
+                field,
+                value,
+            } => {
+                let (dtype, offset, dims, n_dims) =
+                    target.tensors[tensor.index(target.tensors.len())];
+                let (at, width) = match field {
+                    0 => (dtype, 4),
+                    1 => (offset, 8),
+                    k => (dims + 8 * ((*k as usize - 2) % n_dims.max(1)), 8),
+                };
+                if at < bytes.len() {
+                    put_word(&mut bytes, at, width, *value);
+                }
+            }
+            Mutation::Number { key, value } => {
+                let (at, width) = target.numbers[key.index(target.numbers.len())];
+                if at < bytes.len() {
+                    put_word(&mut bytes, at, width, *value);
+                }
+            }
+            Mutation::Truncate { at } => bytes.truncate(at.index(bytes.len())),
+            Mutation::Insert { at, bytes: new } => {
+                let at = at.index(header);
+                bytes.splice(at..at, new.iter().copied());
+            }
+            Mutation::Remove { at, len } => {
+                let at = at.index(header);
+                let end = (at + len).min(bytes.len());
+                bytes.drain(at..end);
+            }
+        }
+    }
+    bytes
+}
+
+/// `LONGCTX_FUZZ_CASES` raises the count for a long run (scripts/fuzz_gguf.sh).
+fn fuzz_cases(short: u32) -> u32 {
+    std::env::var("LONGCTX_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(short)
+}
+
+fn assert_allocations_bounded() {
+    let largest = LARGEST_ALLOCATION.load(Ordering::Relaxed);
+    assert!(
+        largest <= ALLOCATION_LIMIT,
+        "an allocation of {largest} bytes was asked for"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: fuzz_cases(256),
+        ..ProptestConfig::default()
+    })]
+
+    /// Any damage to a fixture's header is either harmless or refused with an error: the reader
+    /// and the model loader never panic and never allocate by a damaged length.
+    #[test]
+    fn fuzz_damaged_fixtures_load_or_are_refused(
+        fixture in any::<Index>(),
+        mutations in prop::collection::vec(mutation(), 1..4),
+    ) {
+        let target = &targets()[fixture.index(targets().len())];
+        let bytes = mutate(target, &mutations);
+        if let Err(e) = load(&bytes) {
+            prop_assert!(!e.to_string().is_empty(), "{}: an empty message", target.name);
+        }
+        assert_allocations_bounded();
+    }
+}
+
+/// The default model's header, when it is downloaded: its tokenizer metadata is far larger and
+/// more varied than the fixtures'. Only the header travels (the tensors would be 100 MB a case),
+/// so the reader ends each case refusing the missing tensor data, if nothing earlier.
+fn real_header() -> Option<&'static Vec<u8>> {
+    static HEADER: OnceLock<Option<Vec<u8>>> = OnceLock::new();
+    HEADER
+        .get_or_init(|| {
+            let path = FetchConfig::from_env()
+                .home
+                .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+            let g = Gguf::open(&path).ok()?;
+            let data: usize = g
+                .tensor_names()
+                .map(|t| g.tensor(t).unwrap().bytes.len())
+                .sum();
+            let bytes = std::fs::read(&path).ok()?;
+            Some(bytes[..bytes.len() - data].to_vec())
+        })
+        .as_ref()
+}
+
+/// Mutations of the real header land in its first 64 KiB, where the counts, the
+/// hyper-parameters and the start of the vocabulary lie.
+const REAL_HEADER_SPAN: usize = 64 << 10;
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: fuzz_cases(256) / 8,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn fuzz_damaged_real_header_is_refused(
+        words in prop::collection::vec((any::<Index>(), extreme(), 1u8..=8), 1..4),
+    ) {
+        let Some(header) = real_header() else {
+            return Ok(());
+        };
+        let mut bytes = header.clone();
+        let span = REAL_HEADER_SPAN.min(bytes.len());
+        for (at, value, width) in &words {
+            put_word(&mut bytes, at.index(span), *width as usize, *value);
+        }
+        prop_assert!(open(&bytes).is_err(), "the header alone has no tensor data");
+        assert_allocations_bounded();
+    }
 }
