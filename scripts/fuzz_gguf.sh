@@ -7,7 +7,7 @@
 # The test profile already builds with opt-level 3 (Cargo.toml), so this reuses the build that
 # `cargo test` made instead of a separate release build of every dependency.
 #
-# proptest shrinks a failure and saves it in crates/longctx/proptest-regressions/gguf.txt, which
+# proptest shrinks a failure and saves it in crates/longctx/tests/gguf.proptest-regressions, which
 # it replays first on every later run: commit that file with the fix, and add the case as an
 # explicit test in tests/gguf.rs.
 set -e

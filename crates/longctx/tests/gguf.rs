@@ -446,12 +446,17 @@ fn fuzz_cases(short: u32) -> u32 {
         .unwrap_or(short)
 }
 
-fn assert_allocations_bounded() {
+/// Runs one case and checks its largest allocation; the count restarts so that shrinking sees
+/// each case's own.
+fn with_bounded_allocations<T>(case: impl FnOnce() -> T) -> T {
+    LARGEST_ALLOCATION.store(0, Ordering::Relaxed);
+    let out = case();
     let largest = LARGEST_ALLOCATION.load(Ordering::Relaxed);
     assert!(
         largest <= ALLOCATION_LIMIT,
         "an allocation of {largest} bytes was asked for"
     );
+    out
 }
 
 proptest! {
@@ -469,10 +474,9 @@ proptest! {
     ) {
         let target = &targets()[fixture.index(targets().len())];
         let bytes = mutate(target, &mutations);
-        if let Err(e) = load(&bytes) {
+        if let Err(e) = with_bounded_allocations(|| load(&bytes)) {
             prop_assert!(!e.to_string().is_empty(), "{}: an empty message", target.name);
         }
-        assert_allocations_bounded();
     }
 }
 
@@ -519,7 +523,7 @@ proptest! {
         for (at, value, width) in &words {
             put_word(&mut bytes, at.index(span), *width as usize, *value);
         }
-        prop_assert!(open(&bytes).is_err(), "the header alone has no tensor data");
-        assert_allocations_bounded();
+        let opened = with_bounded_allocations(|| open(&bytes));
+        prop_assert!(opened.is_err(), "the header alone has no tensor data");
     }
 }
