@@ -202,7 +202,9 @@ impl<'a> Header<'a> {
         Self {
             path,
             bytes,
+            // Past the magic, which `Gguf::open` has checked.
             pos: 4,
+            // Until the version says otherwise.
             wide: true,
         }
     }
