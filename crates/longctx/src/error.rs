@@ -18,11 +18,13 @@ pub enum Error {
         "{path} is truncated: {detail}; the download or copy was cut short, fetch the model again"
     )]
     Truncated { path: PathBuf, detail: String },
+    #[error("{path} is damaged: {detail}; the file was altered or not written by a GGUF converter, fetch or convert the model again")]
+    Damaged { path: PathBuf, detail: String },
     #[error("unsupported model architecture `{0}`; longctx runs `llama` (Llama 2/3, Mistral, SmolLM), `qwen2` and `gemma3` models")]
     UnsupportedArchitecture(String),
     #[error("{tensor} uses weight type {dtype}, which longctx does not support; use a GGUF quantized as F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K")]
     UnsupportedWeightType {
-        /// "tensor `name`", or "a tensor" when the header names the type before the tensor.
+        /// "tensor `name`".
         tensor: String,
         dtype: String,
     },

@@ -81,6 +81,18 @@ impl Config {
             .get_usize(&key("attention.key_length"))
             .unwrap_or(n_embd / n_head);
         let n_layer = g.get_usize(&key("block_count"))?;
+        // Each layer has several tensors: a count past the file's tensors cannot be met, and it
+        // would otherwise size per-layer tables before the first missing tensor is noticed.
+        let n_tensors = g.tensor_names().count();
+        if n_layer == 0 || n_layer > n_tensors {
+            return Err(Error::Damaged {
+                path: g.path().to_path_buf(),
+                detail: format!(
+                    "`{}` is {n_layer}, but a model needs at least one layer and at most as many as its {n_tensors} tensors",
+                    key("block_count")
+                ),
+            });
+        }
         let sliding = match (arch, g.get_usize(&key("attention.sliding_window"))) {
             (Architecture::Gemma3, Ok(window)) => Some(SlidingWindow {
                 window,
