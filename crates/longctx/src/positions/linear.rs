@@ -30,6 +30,10 @@ impl PositionScheme for Linear {
         out.iter_mut().for_each(|f| *f /= self.factor);
     }
 
+    fn model_rope(&self) -> Option<&ModelRope> {
+        Some(&self.rope)
+    }
+
     fn reach(&self) -> Option<usize> {
         Some((self.trained_ctx as f64 * self.factor) as usize)
     }

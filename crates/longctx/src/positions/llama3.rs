@@ -57,9 +57,14 @@ impl PositionScheme for Llama3 {
             } else {
                 let smooth = (original / wavelen - self.low_freq_factor)
                     / (self.high_freq_factor - self.low_freq_factor);
-                *f = (1.0 - smooth) * *f / self.factor + smooth * *f;
+                // HF's (1 − smooth)·f/s + smooth·f, arranged so that factor 1 leaves f exactly.
+                *f *= smooth + (1.0 - smooth) / self.factor;
             }
         }
+    }
+
+    fn model_rope(&self) -> Option<&ModelRope> {
+        Some(&self.rope)
     }
 
     fn reach(&self) -> Option<usize> {

@@ -207,6 +207,9 @@ impl PositionScheme for LongRope {
         table: &mut RotaryTable,
     ) {
         self.frequencies(seq_len, freqs);
+        if self.attention_factor == 1.0 && self.rope.gives(freqs) {
+            return self.rope.fill_table(positions, seq_len, freqs, table);
+        }
         if positions.iter().all(|&p| p >= self.n_hat) {
             return table.fill(positions, freqs, self.attention_factor);
         }

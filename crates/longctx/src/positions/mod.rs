@@ -209,9 +209,16 @@ pub trait PositionScheme: Send + Sync {
     fn group_blocks(&self) -> Option<GroupBlocks> {
         None
     }
+    /// The model's RoPE that this scheme changes, if any: where the scheme's frequencies come
+    /// out as its own, with no attention factor, the default [`PositionScheme::fill_table`] leaves
+    /// the rotations to it, so that factor 1 is `none` exactly.
+    fn model_rope(&self) -> Option<&ModelRope> {
+        None
+    }
     /// Fills `table` with cos/sin for `positions`. The default forms angles from
-    /// [`PositionScheme::frequencies`] in f64; a scheme may override it to reproduce a peer's
-    /// arithmetic exactly. `freqs` is scratch.
+    /// [`PositionScheme::frequencies`] in f64, or takes the model's own arithmetic where they are
+    /// its own (see [`PositionScheme::model_rope`]); a scheme may override it to reproduce a
+    /// peer's arithmetic exactly. `freqs` is scratch.
     fn fill_table(
         &self,
         positions: &[i32],
@@ -220,7 +227,13 @@ pub trait PositionScheme: Send + Sync {
         table: &mut RotaryTable,
     ) {
         self.frequencies(seq_len, freqs);
-        table.fill(positions, freqs, self.attention_factor());
+        let factor = self.attention_factor();
+        match self.model_rope() {
+            Some(rope) if factor == 1.0 && rope.gives(freqs) => {
+                rope.fill_table(positions, seq_len, freqs, table)
+            }
+            _ => table.fill(positions, freqs, factor),
+        }
     }
 }
 
@@ -390,6 +403,66 @@ mod tests {
             checked += 1;
         }
         assert_eq!(checked, 44);
+    }
+
+    /// Issue 19, item 7: `--help` says factor 1 leaves the model as trained, so every scheme at
+    /// its identity setting must give the rotations `none` gives, bit for bit; the plain RoPE
+    /// reproduces llama.cpp's f32 arithmetic, which a table formed in f64 misses by last bits
+    /// that move the first token's logprob by 0.15 on SmolLM2.
+    #[test]
+    fn schemes_at_their_identity_setting_rotate_as_the_model_does_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let positions: Vec<i32> = (0..8192).step_by(7).collect();
+        for b in [
+            smollm2(),
+            base(10000.0, 64, 8192),
+            base(1_000_000.0, 64, 8192),
+            base(500000.0, 32, 8192),
+        ] {
+            let ones = dir.path().join(format!("ones{}.json", b.rope.dims));
+            let pairs = b.rope.dims / 2;
+            LongRopeFactors {
+                short_factor: vec![1.0; pairs],
+                long_factor: vec![1.0; pairs],
+                original_max_position_embeddings: None,
+                max_position_embeddings: None,
+            }
+            .save(&ones)
+            .unwrap();
+            let mut own = RotaryTable::default();
+            scheme("none", &b, 8192).unwrap().fill_table(
+                &positions,
+                8192,
+                &mut Vec::new(),
+                &mut own,
+            );
+            for spec in [
+                "linear:factor=1".to_string(),
+                "ntk:factor=1".into(),
+                "yarn:factor=1".into(),
+                "yarn:factor=1,beta_fast=16,beta_slow=2".into(),
+                "llama3:factor=1".into(),
+                "dynamic:factor=1".into(),
+                "dynamic:factor=4".into(),
+                format!("longrope:factors={}", ones.display()),
+            ] {
+                let mut table = RotaryTable::default();
+                scheme(&spec, &b, 8192).unwrap().fill_table(
+                    &positions,
+                    8192,
+                    &mut Vec::new(),
+                    &mut table,
+                );
+                let same = |a: &[f32], b: &[f32]| {
+                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                };
+                assert!(
+                    same(&table.cos, &own.cos) && same(&table.sin, &own.sin),
+                    "{spec} (base {}) rotates otherwise than none",
+                    b.rope.base
+                );
+            }
+        }
     }
 
     #[test]

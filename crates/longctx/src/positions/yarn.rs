@@ -99,8 +99,13 @@ impl PositionScheme for Yarn {
     fn frequencies(&self, seq_len: usize, out: &mut Vec<f64>) {
         self.rope.frequencies(seq_len, out);
         for (f, &keep) in out.iter_mut().zip(&self.extrapolation) {
-            *f = *f / self.factor * (1.0 - keep) + *f * keep;
+            // HF's f/s·(1 − keep) + f·keep, arranged so that factor 1 leaves f exactly as it is.
+            *f *= keep + (1.0 - keep) / self.factor;
         }
+    }
+
+    fn model_rope(&self) -> Option<&ModelRope> {
+        Some(&self.rope)
     }
 
     fn attention_factor(&self) -> f32 {
