@@ -653,7 +653,7 @@ fn eval_bad_inputs_are_reported() {
                 "--out",
                 out,
             ],
-            "`snapkv:budget=0` would keep nothing",
+            "`snapkv`: budget must be a whole number between 1 and 16777216 (got 0)",
         ),
         (
             &[

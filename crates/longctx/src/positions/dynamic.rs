@@ -19,7 +19,7 @@ pub struct Dynamic {
 
 pub fn build(part: &SpecPart, base: &Base) -> Result<Box<dyn PositionScheme>> {
     let mut params = Params::new(part);
-    let factor = scale_factor(&mut params, "dynamic")?;
+    let factor = scale_factor(&mut params)?;
     let original = original_length(&mut params, base)?;
     params.finish(&["factor", "original_max_position_embeddings"])?;
     Ok(Box::new(Dynamic {

@@ -15,7 +15,7 @@ pub struct Linear {
 
 pub fn build(part: &SpecPart, base: &Base) -> Result<Box<dyn PositionScheme>> {
     let mut params = Params::new(part);
-    let factor = scale_factor(&mut params, "linear")?;
+    let factor = scale_factor(&mut params)?;
     params.finish(&["factor"])?;
     Ok(Box::new(Linear {
         rope: base.rope.clone(),

@@ -25,7 +25,9 @@ pub use rope::{ModelRope, RopeStyle};
 pub use self_extend::GroupBlocks;
 
 use crate::session::Model;
-use crate::spec::{Params, Spec, SpecPart};
+use std::ops::Bound;
+
+use crate::spec::{Params, Spec, SpecPart, MAX_TOKENS};
 use crate::{Error, Result};
 
 /// Every scheme `--rope` can name, with what it does, for `--help` and error messages.
@@ -70,9 +72,11 @@ fn resolve_for(spec: &Spec, trained_ctx: usize) -> Result<Spec> {
             None => params.required("length")?,
         };
         params.finish(&["LENGTH"])?;
-        let length = crate::spec::parse_length(&text).ok_or_else(|| {
+        let length = crate::spec::parse_length(&text)
+            .filter(|&l| l <= MAX_TOKENS)
+            .ok_or_else(|| {
             Error::InvalidOption(format!(
-                "`auto:{text}`: the target length must be a whole number of tokens, as 32768 or 32k"
+                "`auto:{text}`: the target length must be a whole number of tokens, as 32768 or 32k, up to {MAX_TOKENS}"
             ))
         })?;
         parts.extend(recommend(length, trained_ctx).parts);
@@ -157,27 +161,26 @@ fn frequency_scheme(part: &SpecPart, base: &Base, n_ctx: usize) -> Result<Box<dy
     }
 }
 
-/// `factor`, which every scaling scheme takes and which must stretch, not shrink.
-fn scale_factor(params: &mut Params, name: &str) -> Result<f64> {
-    let factor: f64 = params.required("factor")?;
-    if !(factor >= 1.0 && factor.is_finite()) {
-        return Err(Error::InvalidOption(format!(
-            "`{name}:factor={factor}`: the factor must be at least 1 (1 leaves the model as trained)"
-        )));
-    }
-    Ok(factor)
+/// `factor`, which every scaling scheme takes. It must stretch, not shrink: a factor below 1
+/// would squeeze the trained length (PI, NTK, YaRN and Llama 3 all define it as target over
+/// trained length, at least 1), and 1024 is far past any stretch in the literature (YaRN's
+/// largest is 32).
+fn scale_factor(params: &mut Params) -> Result<f64> {
+    params.required_in("factor", 1.0..=1024.0)
 }
+
+/// The range of an attention factor (a factor on cos/sin): positive; 16 would multiply the
+/// logits by 256, far past the 1.1 to 1.4 the papers use.
+const ATTENTION_FACTOR: (Bound<f64>, Bound<f64>) = (Bound::Excluded(0.0), Bound::Included(16.0));
 
 /// `original_max_position_embeddings`, the length the model was trained on, by default read
 /// from the model file.
 fn original_length(params: &mut Params, base: &Base) -> Result<usize> {
-    let length = params.get("original_max_position_embeddings", base.trained_ctx)?;
-    if length == 0 {
-        return Err(Error::InvalidOption(
-            "original_max_position_embeddings must be at least 1".into(),
-        ));
-    }
-    Ok(length)
+    params.get_in(
+        "original_max_position_embeddings",
+        base.trained_ctx,
+        1..=MAX_TOKENS,
+    )
 }
 
 /// A way to turn positions into rotary angles.
@@ -586,7 +589,10 @@ mod tests {
             ),
             ("yarn:factor=2,beta=3".into(), "no parameter `beta`"),
             ("yarn".into(), "`yarn` needs `factor=…`"),
-            ("linear:factor=0.5".into(), "at least 1"),
+            (
+                "linear:factor=0.5".into(),
+                "factor must be a number between 1 and 1024 (got 0.5)",
+            ),
             ("ntk:factor=two".into(), "must be a number"),
             (
                 "yarn:factor=2".into(),
@@ -597,7 +603,7 @@ mod tests {
                 "yarn:factor=4+linear:factor=4".into(),
                 "one, optionally with `+logn`",
             ),
-            ("logn:scale_base=1".into(), "at least 2"),
+            ("logn:scale_base=1".into(), "between 2 and 16777216 (got 1)"),
             (
                 format!("longrope:factors={}", short.display()),
                 "has 2 factors, but the model rotates 32",

@@ -22,7 +22,7 @@ pub fn scaled_base(base: f64, dims: usize, factor: f64) -> f64 {
 
 pub fn build(part: &SpecPart, base: &Base) -> Result<Box<dyn PositionScheme>> {
     let mut params = Params::new(part);
-    let factor = scale_factor(&mut params, "ntk")?;
+    let factor = scale_factor(&mut params)?;
     params.finish(&["factor"])?;
     Ok(Box::new(Ntk {
         rope: base.rope.clone(),
