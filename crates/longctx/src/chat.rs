@@ -250,7 +250,10 @@ impl Placeholders {
                 .filter(|&i| i < messages)
                 .ok_or_else(unfollowable)?;
             let end = number + digits.len() + MARK.len_utf8();
-            let kept_before = marked[..at].ends_with(PAD);
+            // A pad the slot before has taken is not this one's: between a stripped message
+            // and one kept whole only one is left, and slots must not overlap. The check of the
+            // assembled text against the real render settles whose it was.
+            let kept_before = marked[from..at].ends_with(PAD);
             let kept_after = marked[end..].starts_with(PAD);
             let start = if kept_before { at - PAD.len() } else { at };
             let stop = if kept_after { end + PAD.len() } else { end };
@@ -476,6 +479,25 @@ mod tests {
                 "{source} took {:?}",
                 started.elapsed()
             );
+        }
+    }
+
+    /// Found by the template property test (tests/fuzz.rs): a stripped message followed at
+    /// once by one kept whole left one pad between their placeholders, which both claimed,
+    /// and cutting the overlapping slots panicked.
+    #[test]
+    fn adjacent_placeholders_do_not_share_a_pad() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{{ m.content.strip().upper() }}{{ messages[0].content }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let messages = messages(&[("user", " hi ")]);
+        let real = t.render(&messages, true).unwrap();
+        match t.render_chat(&messages, true) {
+            Ok(chat) => assert_eq!(chat.text, real),
+            Err(e) => assert!(e.to_string().contains("changes the messages' text"), "{e}"),
         }
     }
 
