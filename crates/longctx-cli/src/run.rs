@@ -27,19 +27,19 @@ pub struct Args {
     ctx: Option<usize>,
     // Defaults are llama.cpp's, so the same command means the same thing in both.
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true, value_parser = temperature)]
     temperature: f32,
     /// Keep the K most likely tokens; 0 turns it off.
     #[arg(long, default_value_t = 40, value_parser = count, allow_negative_numbers = true)]
     top_k: usize,
     /// Keep the most likely tokens up to this total probability; 1 turns it off.
-    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true, value_parser = top_p)]
     top_p: f32,
     /// Drop tokens less likely than this fraction of the most likely one; 0 turns it off.
-    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true, value_parser = min_p)]
     min_p: f32,
     /// Penalise the last 64 tokens' repeats by this factor; 1 turns it off.
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true, value_parser = repeat_penalty)]
     repeat_penalty: f32,
     /// Subtracted from a recent token's logit once per time it was seen; 0 turns it off.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
@@ -208,4 +208,48 @@ fn fresh_seed() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// A sampling option checked as the text typed, before it becomes the f32 the sampler takes:
+/// 1e308 would otherwise round to `inf` and be reported as that, not as what the user wrote.
+/// `low_open`: the low end itself is refused. Temperatures and penalties past 100 flatten or
+/// crush every distribution alike, so 100 bounds them.
+fn sampling_value(
+    text: &str,
+    name: &str,
+    (low, low_open, high): (f64, bool, f64),
+    note: &str,
+) -> Result<f32, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if (v > low || (!low_open && v == low)) && v <= high => Ok(v as f32),
+        _ => {
+            let range = if low_open {
+                format!("above {low} and at most {high}")
+            } else {
+                format!("between {low} and {high}")
+            };
+            Err(format!("{name} must be {range}{note} (got {text})"))
+        }
+    }
+}
+
+fn temperature(text: &str) -> Result<f32, String> {
+    sampling_value(text, "temperature", (0.0, false, 100.0), ", 0 for greedy")
+}
+
+fn top_p(text: &str) -> Result<f32, String> {
+    sampling_value(text, "top-p", (0.0, true, 1.0), ", 1 turns it off")
+}
+
+fn min_p(text: &str) -> Result<f32, String> {
+    sampling_value(text, "min-p", (0.0, false, 1.0), ", 0 turns it off")
+}
+
+fn repeat_penalty(text: &str) -> Result<f32, String> {
+    sampling_value(
+        text,
+        "repeat penalty",
+        (0.0, true, 100.0),
+        ", 1 turns it off",
+    )
 }

@@ -308,18 +308,46 @@ fn a_failed_fetch_is_reported() {
 }
 
 #[test]
-fn bad_sampling_options_are_reported() {
-    let model = real_model();
-    let out = longctx(&[
-        "run",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "hi",
-        "--top-p",
-        "0",
-    ]);
-    assert_clean_failure(&out, "top-p");
+fn sampling_options_out_of_range_are_refused_as_typed() {
+    for (flag, value, says) in [
+        (
+            "--temperature",
+            "1e308",
+            "temperature must be between 0 and 100, 0 for greedy (got 1e308)",
+        ),
+        ("--temperature", "-1", "(got -1)"),
+        ("--temperature", "NaN", "(got NaN)"),
+        (
+            "--top-p",
+            "1e308",
+            "top-p must be above 0 and at most 1, 1 turns it off (got 1e308)",
+        ),
+        ("--top-p", "0", "(got 0)"),
+        (
+            "--min-p",
+            "inf",
+            "min-p must be between 0 and 1, 0 turns it off (got inf)",
+        ),
+        (
+            "--repeat-penalty",
+            "1e39",
+            "repeat penalty must be above 0 and at most 100, 1 turns it off (got 1e39)",
+        ),
+    ] {
+        let out = longctx(&[
+            "run",
+            "--model",
+            "/nonexistent.gguf",
+            "--prompt",
+            "hi",
+            flag,
+            value,
+        ]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(says), "{flag} {value}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }
 
 #[test]
@@ -750,7 +778,7 @@ fn eval_bad_inputs_are_reported() {
                 "--out",
                 out,
             ],
-            "`snapkv:budget=0` would keep nothing",
+            "`snapkv`: budget must be a whole number between 1 and 16777216 (got 0)",
         ),
         (
             &[

@@ -26,6 +26,37 @@ pub struct ChatTemplate {
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// A template is code from an untrusted file, so one render may take this many VM steps: a
+/// real template spends tens per message, so a thousand-message conversation stays far below,
+/// while a loop that would never end stops within a second.
+const FUEL: u64 = 2_000_000;
+
+/// And may write this much: more than any context holds, far below what exhausts memory.
+const MAX_OUTPUT: usize = 64 << 20;
+
+/// The render's output, refused past [`MAX_OUTPUT`] bytes.
+struct Bounded {
+    bytes: Vec<u8>,
+    full: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_OUTPUT {
+            self.full = true;
+            return Err(std::io::Error::other(
+                "the chat template's output is too long",
+            ));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A conversation rendered for the model, with the byte ranges of `text` that are the
 /// messages' own text: those are tokenized as plain text, the rest (the template's markers) with
 /// special tokens parsed.
@@ -55,6 +86,7 @@ impl ChatTemplate {
     /// the texts the template sees as `bos_token` / `eos_token`.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
         let mut env = Environment::new();
+        env.set_fuel(Some(FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -76,14 +108,32 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(template_error)?;
-        template
-            .render(minijinja::context! {
+        let mut out = Bounded {
+            bytes: Vec::new(),
+            full: false,
+        };
+        let rendered = template.render_captured_to(
+            minijinja::context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
-            })
-            .map_err(template_error)
+            },
+            &mut out,
+        );
+        match rendered {
+            Ok(_) => String::from_utf8(out.bytes).map_err(|_| {
+                Error::ChatTemplate("the template wrote text that is not UTF-8".into())
+            }),
+            Err(_) if out.full => Err(Error::ChatTemplate(format!(
+                "the template wrote more than {} MiB, more than any prompt; it is not a chat template this engine can use",
+                MAX_OUTPUT >> 20
+            ))),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::ChatTemplate(format!(
+                "the template ran past {FUEL} steps, far more than a conversation needs; it may loop without end"
+            ))),
+            Err(e) => Err(template_error(e)),
+        }
     }
 }
 
@@ -200,7 +250,10 @@ impl Placeholders {
                 .filter(|&i| i < messages)
                 .ok_or_else(unfollowable)?;
             let end = number + digits.len() + MARK.len_utf8();
-            let kept_before = marked[..at].ends_with(PAD);
+            // A pad the slot before has taken is not this one's: between a stripped message
+            // and one kept whole only one is left, and slots must not overlap. The check of the
+            // assembled text against the real render settles whose it was.
+            let kept_before = marked[from..at].ends_with(PAD);
             let kept_after = marked[end..].starts_with(PAD);
             let start = if kept_before { at - PAD.len() } else { at };
             let stop = if kept_after { end + PAD.len() } else { end };
@@ -391,6 +444,61 @@ mod tests {
                 content: content.to_string(),
             })
             .collect()
+    }
+
+    /// A template is code from an untrusted file: one that loops (near) forever, recurses
+    /// without end or writes gigabytes is stopped, quickly, with a sentence saying which.
+    #[test]
+    fn runaway_templates_are_stopped_with_what_they_did() {
+        for (source, says) in [
+            (
+                "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                "steps",
+            ),
+            (
+                "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+                "recursion",
+            ),
+            (
+                "{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}",
+                "recursion",
+            ),
+            ("{{ 'x' * 100000000 }}", "MiB"),
+            (
+                "{% set s = 'x' * 10000000 %}{% for i in range(100) %}{{ s }}{% endfor %}",
+                "MiB",
+            ),
+            ("{{ 'x' * 1000000000 }}", "too large"),
+        ] {
+            let t = ChatTemplate::new(source, "", "").unwrap();
+            let started = std::time::Instant::now();
+            let err = t.render(&[], false).unwrap_err().to_string();
+            assert!(err.contains(says), "{source}: {err}");
+            assert!(
+                started.elapsed().as_secs_f64() < 5.0,
+                "{source} took {:?}",
+                started.elapsed()
+            );
+        }
+    }
+
+    /// Found by the template property test (tests/fuzz.rs): a stripped message followed at
+    /// once by one kept whole left one pad between their placeholders, which both claimed,
+    /// and cutting the overlapping slots panicked.
+    #[test]
+    fn adjacent_placeholders_do_not_share_a_pad() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{{ m.content.strip().upper() }}{{ messages[0].content }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let messages = messages(&[("user", " hi ")]);
+        let real = t.render(&messages, true).unwrap();
+        match t.render_chat(&messages, true) {
+            Ok(chat) => assert_eq!(chat.text, real),
+            Err(e) => assert!(e.to_string().contains("changes the messages' text"), "{e}"),
+        }
     }
 
     #[test]

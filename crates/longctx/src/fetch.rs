@@ -168,16 +168,26 @@ pub fn resolve_model_with(config: &FetchConfig, spec: Option<&str>) -> Result<Pa
     let spec = spec.unwrap_or(DEFAULT_MODEL);
     let path = Path::new(spec);
     let missing = match fs::metadata(path) {
-        Ok(_) => return Ok(path.to_path_buf()),
-        Err(e) => e,
+        Ok(meta) if !meta.is_dir() => return Ok(path.to_path_buf()),
+        // A directory named like a model (`smollm2/` in the working directory) does not hide it.
+        Ok(_) if known_model(spec).is_some() => None,
+        Ok(_) => {
+            let known: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
+            return Err(Error::InvalidOption(format!(
+                "{} is a directory; pass a .gguf file (or a model name: {})",
+                path.display(),
+                known.join(", ")
+            )));
+        }
+        Err(e) => Some(e),
     };
     if let Some(source) = known_model(spec) {
         return fetch_source(config, source);
     }
-    if looks_like_path(spec) {
+    if let Some(source) = missing.filter(|_| looks_like_path(spec)) {
         return Err(Error::Io {
             path: path.to_path_buf(),
-            source: missing,
+            source,
         });
     }
     Err(unknown_model(spec))
@@ -658,6 +668,24 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("path"), "{msg}");
+    }
+
+    /// Issue 19, item 7: a directory as `--model` was reported as "No such device (os error
+    /// 19)", what mapping a directory gives.
+    #[test]
+    fn a_directory_is_called_one_with_what_to_pass_instead() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "/nonexistent/python");
+        let err = resolve_model_with(&cfg, Some(dir.path().to_str().unwrap()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "{} is a directory; pass a .gguf file (or a model name: {DEFAULT_MODEL}, gemma3)",
+                dir.path().display()
+            )),
+            "{err}"
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! error messages serve all three.
 
 use std::fmt;
+use std::ops::{Bound, RangeBounds};
 use std::str::FromStr;
 
 use crate::{Error, Result};
@@ -131,6 +132,10 @@ impl fmt::Display for Spec {
     }
 }
 
+/// The most tokens any count in a spec may name (16M): past any context this engine can hold,
+/// and far below where arithmetic on token counts could overflow.
+pub const MAX_TOKENS: usize = 1 << 24;
+
 /// Reads a method's parameters by name with defaults, and refuses the ones nobody read, so a
 /// typo (`facter=4`) is an error rather than a silently ignored option.
 pub struct Params<'a> {
@@ -193,6 +198,48 @@ impl<'a> Params<'a> {
                 type_word::<T>()
             ))
         })
+    }
+
+    /// `key` parsed as `T` and inside `range`, or `default` when it is not given. Every numeric
+    /// parameter is read this way, so that no value that makes no sense (a factor of 1e308, a
+    /// negative attention factor, 1e11 sink tokens, NaN) reaches the arithmetic.
+    pub fn get_in<T>(&mut self, key: &str, default: T, range: impl RangeBounds<T>) -> Result<T>
+    where
+        T: FromStr + PartialOrd + fmt::Display,
+    {
+        Ok(self.optional_in(key, range)?.unwrap_or(default))
+    }
+
+    /// As [`Params::get_in`], with no default: an error naming the parameter when it is missing.
+    pub fn required_in<T>(&mut self, key: &str, range: impl RangeBounds<T>) -> Result<T>
+    where
+        T: FromStr + PartialOrd + fmt::Display,
+    {
+        if !self.part.params.iter().any(|(k, _)| k == key) {
+            return self.required(key);
+        }
+        Ok(self
+            .optional_in(key, range)?
+            .expect("the parameter is given"))
+    }
+
+    /// As [`Params::get_in`], None when `key` is not given.
+    pub fn optional_in<T>(&mut self, key: &str, range: impl RangeBounds<T>) -> Result<Option<T>>
+    where
+        T: FromStr + PartialOrd + fmt::Display,
+    {
+        let Some(text) = self.raw(key) else {
+            return Ok(None);
+        };
+        match text.parse::<T>() {
+            Ok(value) if range.contains(&value) => Ok(Some(value)),
+            _ => Err(Error::InvalidOption(format!(
+                "`{}`: {key} must be a {} {} (got {text})",
+                self.part.name,
+                type_word::<T>(),
+                range_words(&range)
+            ))),
+        }
     }
 
     /// `key` as one of `choices`, or the first choice when it is not given.
@@ -258,6 +305,27 @@ pub fn parse_length(text: &str) -> Option<usize> {
         Ok(v) if v > 0.0 && (v * unit).fract() == 0.0 => Some((v * unit) as usize),
         _ => None,
     }
+}
+
+/// `range` as a sentence says it: "between 1 and 1024", "above 0 and at most 16".
+fn range_words<T: fmt::Display>(range: &impl RangeBounds<T>) -> String {
+    if let (Bound::Included(lo), Bound::Included(hi)) = (range.start_bound(), range.end_bound()) {
+        return format!("between {lo} and {hi}");
+    }
+    let low = match range.start_bound() {
+        Bound::Included(lo) => Some(format!("at least {lo}")),
+        Bound::Excluded(lo) => Some(format!("above {lo}")),
+        Bound::Unbounded => None,
+    };
+    let high = match range.end_bound() {
+        Bound::Included(hi) => Some(format!("at most {hi}")),
+        Bound::Excluded(hi) => Some(format!("below {hi}")),
+        Bound::Unbounded => None,
+    };
+    low.into_iter()
+        .chain(high)
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 fn type_word<T>() -> &'static str {

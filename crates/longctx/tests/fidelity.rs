@@ -181,6 +181,38 @@ fn smollm2_nll_matches_llama_cpp() {
     nll_matches("smollm2", &smollm2(&fx.model), &fx);
 }
 
+/// Factor 1 leaves the default model as trained, bit for bit (issue 19, item 7: the first
+/// token's logprob was −1.930 under `linear:factor=1` against −1.776 under `none`).
+#[test]
+fn smollm2_factor_1_is_none_bit_for_bit() {
+    let _guard = serial();
+    let fx: NllFixture = read_json(&fixtures().join("smollm2/nll.json"));
+    let model = smollm2(&fx.model);
+    let ids = &fx.ids[..600];
+    let logits = |rope: &str| {
+        let options = SessionOptions {
+            n_ctx: 1024,
+            threads: THREADS,
+            rope: rope.parse().unwrap(),
+            ..Default::default()
+        };
+        let mut s = Session::new(model.clone(), options).unwrap();
+        s.prefill(ids).unwrap().to_vec()
+    };
+    let own = logits("none");
+    for rope in ["linear:factor=1", "ntk:factor=1", "yarn:factor=1"] {
+        let ours = logits(rope);
+        assert!(
+            ours.iter()
+                .zip(&own)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{rope} is not none: {:?} against {:?}",
+            &ours[..4],
+            &own[..4]
+        );
+    }
+}
+
 /// The same on Gemma 3 (BOS first), whose 2,400 tokens run well past the local layers' 512-token
 /// window: a window off by one, or local layers rotated with the global base, lands far outside
 /// the limits.

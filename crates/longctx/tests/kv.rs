@@ -174,8 +174,12 @@ fn bad_specs_are_refused_with_a_message() {
     let model = model();
     for (spec, rope, says) in [
         ("lru:budget=4", "none", "unknown"),
-        ("snapkv:budget=0", "none", "keep nothing"),
-        ("snapkv:ratio=1.5", "none", "(0, 1]"),
+        ("snapkv:budget=0", "none", "between 1 and 16777216 (got 0)"),
+        (
+            "snapkv:ratio=1.5",
+            "none",
+            "above 0 and at most 1 (got 1.5)",
+        ),
         ("snapkv", "none", "budget"),
         ("snapkv:budget=8,windw=4", "none", "windw"),
         ("full:budget=8", "none", "no parameter"),

@@ -176,6 +176,52 @@ fn decoding_after_prefill_matches_one_prefill_with_far_attention() {
     }
 }
 
+/// `--help` says factor 1 leaves the model as trained (issue 19, item 7): every scheme at its
+/// identity setting gives `none`'s logits bit for bit, on a Llama, a NeoX-style Qwen2, a model
+/// with per-pair `rope_freqs` and Gemma 3 with its local layers.
+#[test]
+fn factor_1_gives_the_logits_of_none_bit_for_bit() {
+    for file in [
+        "llama-f32.gguf",
+        "qwen2-q8_0.gguf",
+        "llama-rope-freqs-q8_0.gguf",
+        "gemma3-f16.gguf",
+    ] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models")
+            .join(file);
+        let model = Model::load(&path).unwrap();
+        let n_ctx = model.config.context_length;
+        let ids = tokens(n_ctx - 8, model.config.vocab);
+        let prefill = |rope: &str| {
+            session_in(&model, rope, n_ctx, 64)
+                .unwrap()
+                .prefill(&ids)
+                .unwrap()
+                .to_vec()
+        };
+        let own = prefill("none");
+        for rope in [
+            "linear:factor=1",
+            "ntk:factor=1",
+            "yarn:factor=1",
+            "llama3:factor=1",
+            "dynamic:factor=1",
+            "dynamic:factor=8",
+        ] {
+            let logits = prefill(rope);
+            assert!(
+                logits
+                    .iter()
+                    .zip(&own)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{file}: {rope} moves the logits by {}",
+                max_diff(&logits, &own)
+            );
+        }
+    }
+}
+
 /// Inside its neighbour window Self-Extend is the model itself, bit for bit.
 #[test]
 fn self_extend_within_its_window_is_the_model() {

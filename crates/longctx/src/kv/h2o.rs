@@ -17,7 +17,7 @@
 
 use super::policy::{bounded_peak, top_k, AfterChunk, AttentionSums, Budget, KvPolicy, Shape};
 use super::{AttentionObserver, KvCache};
-use crate::spec::{Params, SpecPart};
+use crate::spec::{Params, SpecPart, MAX_TOKENS};
 use crate::{Error, Result};
 
 pub struct H2o {
@@ -36,11 +36,16 @@ pub fn build(part: &SpecPart, shape: &Shape) -> Result<Box<dyn KvPolicy>> {
     let budget = Budget::from_params(&mut params, "h2o")?;
     let window = match params.raw("window") {
         None | Some("half") => None,
-        Some(w) => Some(w.parse::<usize>().map_err(|_| {
-            Error::InvalidOption(format!(
-                "`window={w}` for `h2o`: give a number of recent tokens, or `half` (of the budget)"
-            ))
-        })?),
+        Some(w) => Some(
+            w.parse::<usize>()
+                .ok()
+                .filter(|&w| w <= MAX_TOKENS)
+                .ok_or_else(|| {
+                    Error::InvalidOption(format!(
+                        "`window={w}` for `h2o`: give a number of recent tokens up to {MAX_TOKENS}, or `half` (of the budget)"
+                    ))
+                })?,
+        ),
     };
     params.finish(&["budget", "ratio", "window"])?;
     if let (Budget::Tokens(n), Some(w)) = (budget, window) {

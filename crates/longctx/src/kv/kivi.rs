@@ -28,7 +28,7 @@ use half::f16;
 
 use super::policy::Shape;
 use crate::model::MAX_HEAD_DIM;
-use crate::spec::{Params, SpecPart};
+use crate::spec::{Params, SpecPart, MAX_TOKENS};
 use crate::{Error, Result};
 
 /// A KIVI configuration (`kivi:bits=…,group=…,residual=…`).
@@ -47,9 +47,9 @@ impl Kivi {
     /// the paper's `example.py`; the group must divide the head size (value groups are channels).
     pub fn from_spec(part: &SpecPart, shape: &Shape) -> Result<Self> {
         let mut params = Params::new(part);
-        let bits = params.get("bits", 2u32)?;
-        let group = params.get("group", 32usize)?;
-        let residual = params.get("residual", 32usize)?;
+        let bits = params.get_in("bits", 2u32, 2..=8)?;
+        let group = params.get_in("group", 32usize, 1..=MAX_TOKENS)?;
+        let residual = params.get_in("residual", 32usize, 0..=MAX_TOKENS)?;
         params.finish(&["bits", "group", "residual"])?;
         if ![2, 4, 8].contains(&bits) {
             return Err(Error::InvalidOption(format!(

@@ -22,7 +22,7 @@
 use super::policy::{bounded_peak, AfterChunk, Budget, ChunkInfo, KvPolicy, Shape};
 use super::snapkv::SnapKv;
 use super::{AttentionObserver, KvCache};
-use crate::spec::{Params, SpecPart};
+use crate::spec::{Params, SpecPart, MAX_TOKENS};
 use crate::{Error, Result};
 
 pub struct PyramidKv {
@@ -47,7 +47,7 @@ impl PyramidKv {
     /// and the authors' default), the ratio of the first layer's share to the last one's.
     pub fn new(params: &mut Params, shape: &Shape) -> Result<Self> {
         let snap = SnapKv::named(params, shape, "pyramid", 7)?;
-        let beta = params.get("beta", 20usize)?;
+        let beta = params.get_in("beta", 20usize, 1..=MAX_TOKENS)?;
         if beta == 0 {
             return Err(Error::InvalidOption(
                 "`pyramid:beta=0`: beta divides the budget of the last layer; give at least 1"

@@ -26,7 +26,7 @@ use super::policy::{bounded_peak, top_k, AfterChunk, AttentionSums, Budget, Chun
 use super::policy::{KvPolicy, Phase, Pooling, Shape};
 use super::snapkv::SnapKv;
 use super::{AttentionObserver, KvCache};
-use crate::spec::{Params, SpecPart};
+use crate::spec::{Params, SpecPart, MAX_TOKENS};
 use crate::{Error, Result};
 
 pub struct Scope {
@@ -46,8 +46,8 @@ pub struct Scope {
 pub fn build(part: &SpecPart, shape: &Shape) -> Result<Box<dyn KvPolicy>> {
     let mut params = Params::new(part);
     let budget = Budget::from_params(&mut params, "scope")?;
-    let pool = params.get("decode", 256usize)?;
-    let recent = params.get("recent", pool / 2)?;
+    let pool = params.get_in("decode", 256usize, 1..=MAX_TOKENS)?;
+    let recent = params.get_in("recent", pool / 2, 0..=MAX_TOKENS)?;
     params.finish(&["budget", "ratio", "decode", "recent"])?;
     if pool == 0 {
         return Err(Error::InvalidOption(

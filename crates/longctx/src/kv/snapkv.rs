@@ -14,7 +14,7 @@
 use super::policy::{bounded_peak, top_k, AfterChunk, AttentionSums, Budget, ChunkInfo, Pooling};
 use super::policy::{pool1d, KvPolicy, Shape};
 use super::{AttentionObserver, KvCache};
-use crate::spec::{Params, SpecPart};
+use crate::spec::{Params, SpecPart, MAX_TOKENS};
 use crate::Result;
 
 /// Fields are open to the policies built on SnapKV's vote (PyramidKV, Finch), which share its
@@ -49,8 +49,8 @@ impl SnapKv {
     /// and the kernel defaults to `kernel`.
     pub fn named(params: &mut Params, shape: &Shape, name: &str, kernel: usize) -> Result<Self> {
         let budget = Budget::from_params(params, name)?;
-        let window = params.get("window", 32usize)?;
-        let kernel = params.get("kernel", kernel)?;
+        let window = params.get_in("window", 32usize, 1..=MAX_TOKENS)?;
+        let kernel = params.get_in("kernel", kernel, 1..=MAX_TOKENS)?;
         let pooling = Pooling::from_params(params)?;
         if window == 0 || kernel == 0 || kernel.is_multiple_of(2) {
             return Err(crate::Error::InvalidOption(format!(

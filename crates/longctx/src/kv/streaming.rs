@@ -16,7 +16,7 @@
 
 use super::policy::{AfterChunk, Budget, KvPolicy, Phase, Shape};
 use super::{AttentionObserver, KvCache};
-use crate::spec::{Params, SpecPart};
+use crate::spec::{Params, SpecPart, MAX_TOKENS};
 use crate::{Error, Result};
 
 pub struct Streaming {
@@ -31,8 +31,8 @@ pub struct Streaming {
 
 pub fn build(part: &SpecPart, _: &Shape) -> Result<Box<dyn KvPolicy>> {
     let mut params = Params::new(part);
-    let sinks = params.get("sinks", 4usize)?;
-    let window = params.optional::<usize>("window")?;
+    let sinks = params.get_in("sinks", 4usize, 0..=MAX_TOKENS)?;
+    let window = params.optional_in::<usize>("window", 1..=MAX_TOKENS)?;
     let given = |key: &str| part.params.iter().any(|(k, _)| k == key);
     let budget = if given("budget") || given("ratio") {
         if window.is_some() {
@@ -44,7 +44,7 @@ pub fn build(part: &SpecPart, _: &Shape) -> Result<Box<dyn KvPolicy>> {
     } else {
         None
     };
-    let step = params.get("step", 64usize)?;
+    let step = params.get_in("step", 64usize, 1..=MAX_TOKENS)?;
     params.finish(&["sinks", "window", "budget", "ratio", "step"])?;
     let (window, ratio) = match (window, budget) {
         (Some(w), _) => (w, None),
@@ -242,7 +242,7 @@ mod tests {
         assert_eq!(p.after_chunk(&mut cache, &step), Some(250));
         assert_eq!(cache.positions(0, 0).len(), 250);
         assert!(refusal("streaming:window=8,ratio=0.5").contains("not both"));
-        assert!(refusal("streaming:ratio=1.5").contains("(0, 1]"));
+        assert!(refusal("streaming:ratio=1.5").contains("above 0 and at most 1 (got 1.5)"));
         assert!(refusal("streaming:budget=4").contains("no room"));
     }
 

@@ -37,7 +37,7 @@
 use super::policy::{bounded_peak, top_k, AfterChunk, AttentionSums, Budget, ChunkInfo};
 use super::policy::{KvPolicy, Shape};
 use super::{AttentionObserver, KvCache};
-use crate::spec::{Params, SpecPart};
+use crate::spec::{Params, SpecPart, MAX_TOKENS};
 use crate::{Error, Result};
 
 /// How a window's votes make its score.
@@ -96,9 +96,9 @@ impl WindowKv {
     /// Reads `budget|ratio`, `window` (32), `size` (8), `group` (8) and `score` (max).
     pub fn new(params: &mut Params, shape: &Shape) -> Result<Self> {
         let budget = Budget::from_params(params, "windowkv")?;
-        let window = params.get("window", 32usize)?;
-        let size = params.get("size", 8usize)?;
-        let group = params.get("group", 8usize)?;
+        let window = params.get_in("window", 32usize, 1..=MAX_TOKENS)?;
+        let size = params.get_in("size", 8usize, 1..=MAX_TOKENS)?;
+        let group = params.get_in("group", 8usize, 1..=MAX_TOKENS)?;
         let score = match params.choice("score", &["max", "avg"])? {
             "avg" => Score::Avg,
             _ => Score::Max,

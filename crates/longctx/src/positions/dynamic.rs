@@ -19,7 +19,7 @@ pub struct Dynamic {
 
 pub fn build(part: &SpecPart, base: &Base) -> Result<Box<dyn PositionScheme>> {
     let mut params = Params::new(part);
-    let factor = scale_factor(&mut params, "dynamic")?;
+    let factor = scale_factor(&mut params)?;
     let original = original_length(&mut params, base)?;
     params.finish(&["factor", "original_max_position_embeddings"])?;
     Ok(Box::new(Dynamic {
@@ -32,7 +32,10 @@ pub fn build(part: &SpecPart, base: &Base) -> Result<Box<dyn PositionScheme>> {
 impl Dynamic {
     /// The base in use for a sequence of `seq_len` tokens.
     pub fn base_at(&self, seq_len: usize) -> f64 {
-        let n = seq_len.max(self.original) as f64;
+        if seq_len <= self.original {
+            return self.rope.base;
+        }
+        let n = seq_len as f64;
         let stretch = self.factor * n / self.original as f64 - (self.factor - 1.0);
         ntk::scaled_base(self.rope.base, self.rope.dims, stretch)
     }
@@ -41,6 +44,10 @@ impl Dynamic {
 impl PositionScheme for Dynamic {
     fn frequencies(&self, seq_len: usize, out: &mut Vec<f64>) {
         self.rope.frequencies_with_base(self.base_at(seq_len), out);
+    }
+
+    fn model_rope(&self) -> Option<&ModelRope> {
+        Some(&self.rope)
     }
 
     fn varies_with_length(&self) -> bool {

@@ -15,7 +15,7 @@ pub struct Linear {
 
 pub fn build(part: &SpecPart, base: &Base) -> Result<Box<dyn PositionScheme>> {
     let mut params = Params::new(part);
-    let factor = scale_factor(&mut params, "linear")?;
+    let factor = scale_factor(&mut params)?;
     params.finish(&["factor"])?;
     Ok(Box::new(Linear {
         rope: base.rope.clone(),
@@ -28,6 +28,10 @@ impl PositionScheme for Linear {
     fn frequencies(&self, seq_len: usize, out: &mut Vec<f64>) {
         self.rope.frequencies(seq_len, out);
         out.iter_mut().for_each(|f| *f /= self.factor);
+    }
+
+    fn model_rope(&self) -> Option<&ModelRope> {
+        Some(&self.rope)
     }
 
     fn reach(&self) -> Option<usize> {

@@ -3,6 +3,8 @@
 //! frequency, those longer than L/low_freq_factor are divided by `factor`, and the band between
 //! blends the two by how many times the wavelength fits in L.
 
+use std::ops::Bound;
+
 use super::{original_length, scale_factor, Base, ModelRope, PositionScheme};
 use crate::spec::{Params, SpecPart};
 use crate::{Error, Result};
@@ -17,9 +19,11 @@ pub struct Llama3 {
 
 pub fn build(part: &SpecPart, base: &Base) -> Result<Box<dyn PositionScheme>> {
     let mut params = Params::new(part);
-    let factor = scale_factor(&mut params, "llama3")?;
-    let low_freq_factor: f64 = params.get("low_freq_factor", 1.0)?;
-    let high_freq_factor: f64 = params.get("high_freq_factor", 4.0)?;
+    let factor = scale_factor(&mut params)?;
+    // Divisors of the original length (Meta's 1 and 4); past 1024 the band is under a token.
+    let band = (Bound::Excluded(0.0), Bound::Included(1024.0));
+    let low_freq_factor: f64 = params.get_in("low_freq_factor", 1.0, band)?;
+    let high_freq_factor: f64 = params.get_in("high_freq_factor", 4.0, band)?;
     let original = original_length(&mut params, base)?;
     params.finish(&[
         "factor",
@@ -57,9 +61,14 @@ impl PositionScheme for Llama3 {
             } else {
                 let smooth = (original / wavelen - self.low_freq_factor)
                     / (self.high_freq_factor - self.low_freq_factor);
-                *f = (1.0 - smooth) * *f / self.factor + smooth * *f;
+                // HF's (1 − smooth)·f/s + smooth·f, arranged so that factor 1 leaves f exactly.
+                *f *= smooth + (1.0 - smooth) / self.factor;
             }
         }
+    }
+
+    fn model_rope(&self) -> Option<&ModelRope> {
+        Some(&self.rope)
     }
 
     fn reach(&self) -> Option<usize> {

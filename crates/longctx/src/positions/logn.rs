@@ -5,8 +5,8 @@
 //! with any frequency scheme (`yarn:factor=4+logn`).
 
 use super::{Base, FarPositions, GroupBlocks, PositionScheme, RotaryTable};
-use crate::spec::{Params, SpecPart};
-use crate::{Error, Result};
+use crate::spec::{Params, SpecPart, MAX_TOKENS};
+use crate::Result;
 
 pub struct LogN {
     inner: Box<dyn PositionScheme>,
@@ -19,13 +19,9 @@ pub fn build(
     inner: Box<dyn PositionScheme>,
 ) -> Result<Box<dyn PositionScheme>> {
     let mut params = Params::new(part);
-    let scale_base: usize = params.get("scale_base", base.trained_ctx)?;
+    // ln(scale_base) divides: 2 tokens is the least that gives a positive one.
+    let scale_base: usize = params.get_in("scale_base", base.trained_ctx, 2..=MAX_TOKENS)?;
     params.finish(&["scale_base"])?;
-    if scale_base < 2 {
-        return Err(Error::InvalidOption(format!(
-            "logn:scale_base={scale_base}: it must be at least 2 tokens (it defaults to the trained length)"
-        )));
-    }
     Ok(Box::new(LogN {
         inner,
         ln_scale_base: (scale_base as f64).ln(),

@@ -12,8 +12,8 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Base, ModelRope, PositionScheme, RotaryTable};
-use crate::spec::{Params, SpecPart};
+use super::{Base, ModelRope, PositionScheme, RotaryTable, ATTENTION_FACTOR};
+use crate::spec::{Params, SpecPart, MAX_TOKENS};
 use crate::{Error, Result};
 
 /// A factors file: HF `rope_scaling` field names, at the top level or inside `rope_scaling` (so a
@@ -143,8 +143,8 @@ pub fn attention_factor(stretch: f64, original: usize) -> f64 {
 pub fn build(part: &SpecPart, base: &Base, n_ctx: usize) -> Result<Box<dyn PositionScheme>> {
     let mut params = Params::new(part);
     let file: String = params.required("factors")?;
-    let n_hat: i32 = params.get("n_hat", 0)?;
-    let attention: Option<f64> = params.optional("attention_factor")?;
+    let n_hat: i32 = params.get_in("n_hat", 0, 0..=MAX_TOKENS as i32)?;
+    let attention: Option<f64> = params.optional_in("attention_factor", ATTENTION_FACTOR)?;
     params.finish(&["factors", "n_hat", "attention_factor"])?;
     let factors = LongRopeFactors::load(Path::new(&file))?;
     factors.check(base.rope.dims / 2, &file)?;
@@ -207,6 +207,9 @@ impl PositionScheme for LongRope {
         table: &mut RotaryTable,
     ) {
         self.frequencies(seq_len, freqs);
+        if self.attention_factor == 1.0 && self.rope.gives(freqs) {
+            return self.rope.fill_table(positions, seq_len, freqs, table);
+        }
         if positions.iter().all(|&p| p >= self.n_hat) {
             return table.fill(positions, freqs, self.attention_factor);
         }

@@ -25,7 +25,9 @@ pub use rope::{ModelRope, RopeStyle};
 pub use self_extend::GroupBlocks;
 
 use crate::session::Model;
-use crate::spec::{Params, Spec, SpecPart};
+use std::ops::Bound;
+
+use crate::spec::{Params, Spec, SpecPart, MAX_TOKENS};
 use crate::{Error, Result};
 
 /// Every scheme `--rope` can name, with what it does, for `--help` and error messages.
@@ -70,9 +72,11 @@ fn resolve_for(spec: &Spec, trained_ctx: usize) -> Result<Spec> {
             None => params.required("length")?,
         };
         params.finish(&["LENGTH"])?;
-        let length = crate::spec::parse_length(&text).ok_or_else(|| {
+        let length = crate::spec::parse_length(&text)
+            .filter(|&l| l <= MAX_TOKENS)
+            .ok_or_else(|| {
             Error::InvalidOption(format!(
-                "`auto:{text}`: the target length must be a whole number of tokens, as 32768 or 32k"
+                "`auto:{text}`: the target length must be a whole number of tokens, as 32768 or 32k, up to {MAX_TOKENS}"
             ))
         })?;
         parts.extend(recommend(length, trained_ctx).parts);
@@ -157,27 +161,26 @@ fn frequency_scheme(part: &SpecPart, base: &Base, n_ctx: usize) -> Result<Box<dy
     }
 }
 
-/// `factor`, which every scaling scheme takes and which must stretch, not shrink.
-fn scale_factor(params: &mut Params, name: &str) -> Result<f64> {
-    let factor: f64 = params.required("factor")?;
-    if !(factor >= 1.0 && factor.is_finite()) {
-        return Err(Error::InvalidOption(format!(
-            "`{name}:factor={factor}`: the factor must be at least 1 (1 leaves the model as trained)"
-        )));
-    }
-    Ok(factor)
+/// `factor`, which every scaling scheme takes. It must stretch, not shrink: a factor below 1
+/// would squeeze the trained length (PI, NTK, YaRN and Llama 3 all define it as target over
+/// trained length, at least 1), and 1024 is far past any stretch in the literature (YaRN's
+/// largest is 32).
+fn scale_factor(params: &mut Params) -> Result<f64> {
+    params.required_in("factor", 1.0..=1024.0)
 }
+
+/// The range of an attention factor (a factor on cos/sin): positive; 16 would multiply the
+/// logits by 256, far past the 1.1 to 1.4 the papers use.
+const ATTENTION_FACTOR: (Bound<f64>, Bound<f64>) = (Bound::Excluded(0.0), Bound::Included(16.0));
 
 /// `original_max_position_embeddings`, the length the model was trained on, by default read
 /// from the model file.
 fn original_length(params: &mut Params, base: &Base) -> Result<usize> {
-    let length = params.get("original_max_position_embeddings", base.trained_ctx)?;
-    if length == 0 {
-        return Err(Error::InvalidOption(
-            "original_max_position_embeddings must be at least 1".into(),
-        ));
-    }
-    Ok(length)
+    params.get_in(
+        "original_max_position_embeddings",
+        base.trained_ctx,
+        1..=MAX_TOKENS,
+    )
 }
 
 /// A way to turn positions into rotary angles.
@@ -209,9 +212,16 @@ pub trait PositionScheme: Send + Sync {
     fn group_blocks(&self) -> Option<GroupBlocks> {
         None
     }
+    /// The model's RoPE that this scheme changes, if any: where the scheme's frequencies come
+    /// out as its own, with no attention factor, the default [`PositionScheme::fill_table`] leaves
+    /// the rotations to it, so that factor 1 is `none` exactly.
+    fn model_rope(&self) -> Option<&ModelRope> {
+        None
+    }
     /// Fills `table` with cos/sin for `positions`. The default forms angles from
-    /// [`PositionScheme::frequencies`] in f64; a scheme may override it to reproduce a peer's
-    /// arithmetic exactly. `freqs` is scratch.
+    /// [`PositionScheme::frequencies`] in f64, or takes the model's own arithmetic where they are
+    /// its own (see [`PositionScheme::model_rope`]); a scheme may override it to reproduce a
+    /// peer's arithmetic exactly. `freqs` is scratch.
     fn fill_table(
         &self,
         positions: &[i32],
@@ -220,7 +230,13 @@ pub trait PositionScheme: Send + Sync {
         table: &mut RotaryTable,
     ) {
         self.frequencies(seq_len, freqs);
-        table.fill(positions, freqs, self.attention_factor());
+        let factor = self.attention_factor();
+        match self.model_rope() {
+            Some(rope) if factor == 1.0 && rope.gives(freqs) => {
+                rope.fill_table(positions, seq_len, freqs, table)
+            }
+            _ => table.fill(positions, freqs, factor),
+        }
     }
 }
 
@@ -392,6 +408,66 @@ mod tests {
         assert_eq!(checked, 44);
     }
 
+    /// Issue 19, item 7: `--help` says factor 1 leaves the model as trained, so every scheme at
+    /// its identity setting must give the rotations `none` gives, bit for bit; the plain RoPE
+    /// reproduces llama.cpp's f32 arithmetic, which a table formed in f64 misses by last bits
+    /// that move the first token's logprob by 0.15 on SmolLM2.
+    #[test]
+    fn schemes_at_their_identity_setting_rotate_as_the_model_does_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let positions: Vec<i32> = (0..8192).step_by(7).collect();
+        for b in [
+            smollm2(),
+            base(10000.0, 64, 8192),
+            base(1_000_000.0, 64, 8192),
+            base(500000.0, 32, 8192),
+        ] {
+            let ones = dir.path().join(format!("ones{}.json", b.rope.dims));
+            let pairs = b.rope.dims / 2;
+            LongRopeFactors {
+                short_factor: vec![1.0; pairs],
+                long_factor: vec![1.0; pairs],
+                original_max_position_embeddings: None,
+                max_position_embeddings: None,
+            }
+            .save(&ones)
+            .unwrap();
+            let mut own = RotaryTable::default();
+            scheme("none", &b, 8192).unwrap().fill_table(
+                &positions,
+                8192,
+                &mut Vec::new(),
+                &mut own,
+            );
+            for spec in [
+                "linear:factor=1".to_string(),
+                "ntk:factor=1".into(),
+                "yarn:factor=1".into(),
+                "yarn:factor=1,beta_fast=16,beta_slow=2".into(),
+                "llama3:factor=1".into(),
+                "dynamic:factor=1".into(),
+                "dynamic:factor=4".into(),
+                format!("longrope:factors={}", ones.display()),
+            ] {
+                let mut table = RotaryTable::default();
+                scheme(&spec, &b, 8192).unwrap().fill_table(
+                    &positions,
+                    8192,
+                    &mut Vec::new(),
+                    &mut table,
+                );
+                let same = |a: &[f32], b: &[f32]| {
+                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                };
+                assert!(
+                    same(&table.cos, &own.cos) && same(&table.sin, &own.sin),
+                    "{spec} (base {}) rotates otherwise than none",
+                    b.rope.base
+                );
+            }
+        }
+    }
+
     #[test]
     fn yarn_correction_range_is_the_published_llama2_one() {
         assert_eq!(
@@ -513,7 +589,10 @@ mod tests {
             ),
             ("yarn:factor=2,beta=3".into(), "no parameter `beta`"),
             ("yarn".into(), "`yarn` needs `factor=…`"),
-            ("linear:factor=0.5".into(), "at least 1"),
+            (
+                "linear:factor=0.5".into(),
+                "factor must be a number between 1 and 1024 (got 0.5)",
+            ),
             ("ntk:factor=two".into(), "must be a number"),
             (
                 "yarn:factor=2".into(),
@@ -524,7 +603,7 @@ mod tests {
                 "yarn:factor=4+linear:factor=4".into(),
                 "one, optionally with `+logn`",
             ),
-            ("logn:scale_base=1".into(), "at least 2"),
+            ("logn:scale_base=1".into(), "between 2 and 16777216 (got 1)"),
             (
                 format!("longrope:factors={}", short.display()),
                 "has 2 factors, but the model rotates 32",

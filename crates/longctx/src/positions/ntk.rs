@@ -8,6 +8,8 @@ use crate::Result;
 
 pub struct Ntk {
     rope: ModelRope,
+    /// The NTK-aware base that replaces the model's.
+    base: f64,
     factor: f64,
     trained_ctx: usize,
 }
@@ -20,20 +22,23 @@ pub fn scaled_base(base: f64, dims: usize, factor: f64) -> f64 {
 
 pub fn build(part: &SpecPart, base: &Base) -> Result<Box<dyn PositionScheme>> {
     let mut params = Params::new(part);
-    let factor = scale_factor(&mut params, "ntk")?;
+    let factor = scale_factor(&mut params)?;
     params.finish(&["factor"])?;
-    let mut rope = base.rope.clone();
-    rope.base = scaled_base(rope.base, rope.dims, factor);
     Ok(Box::new(Ntk {
-        rope,
+        rope: base.rope.clone(),
+        base: scaled_base(base.rope.base, base.rope.dims, factor),
         factor,
         trained_ctx: base.trained_ctx,
     }))
 }
 
 impl PositionScheme for Ntk {
-    fn frequencies(&self, seq_len: usize, out: &mut Vec<f64>) {
-        self.rope.frequencies(seq_len, out);
+    fn frequencies(&self, _seq_len: usize, out: &mut Vec<f64>) {
+        self.rope.frequencies_with_base(self.base, out);
+    }
+
+    fn model_rope(&self) -> Option<&ModelRope> {
+        Some(&self.rope)
     }
 
     fn reach(&self) -> Option<usize> {

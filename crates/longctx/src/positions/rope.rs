@@ -30,11 +30,24 @@ impl ModelRope {
     /// copying the per-pair factors.
     pub fn frequencies_with_base(&self, base: f64, out: &mut Vec<f64>) {
         out.clear();
-        out.extend((0..self.dims / 2).map(|i| {
-            let base_freq = base.powf(-2.0 * i as f64 / self.dims as f64);
-            let factor = self.freq_factors.as_ref().map_or(1.0, |f| f[i] as f64);
-            base_freq / factor / self.linear_factor
-        }));
+        out.extend((0..self.dims / 2).map(|i| self.frequency(base, i)));
+    }
+
+    /// True when `freqs` are exactly this RoPE's own: a scheme at its identity setting (factor 1)
+    /// then fills its table with [`ModelRope`]'s arithmetic and leaves the model as trained, bit
+    /// for bit, where forming the same angles in f64 would move the logits by last bits.
+    pub fn gives(&self, freqs: &[f64]) -> bool {
+        freqs.len() == self.dims / 2
+            && freqs
+                .iter()
+                .enumerate()
+                .all(|(i, &f)| f == self.frequency(self.base, i))
+    }
+
+    fn frequency(&self, base: f64, i: usize) -> f64 {
+        let base_freq = base.powf(-2.0 * i as f64 / self.dims as f64);
+        let factor = self.freq_factors.as_ref().map_or(1.0, |f| f[i] as f64);
+        base_freq / factor / self.linear_factor
     }
 }
 

@@ -18,7 +18,7 @@
 //! result depends on where chunks end: it is not the paper's attention.
 
 use super::{Base, FarPositions, ModelRope, PositionScheme, RotaryTable};
-use crate::spec::{Params, SpecPart};
+use crate::spec::{Params, SpecPart, MAX_TOKENS};
 use crate::{Error, Result};
 
 pub struct SelfExtend {
@@ -31,17 +31,13 @@ pub struct SelfExtend {
 
 pub fn build(part: &SpecPart, base: &Base, n_ctx: usize) -> Result<Box<dyn PositionScheme>> {
     let mut params = Params::new(part);
-    let group: usize = params.get("group", 4)?;
-    let window: usize = params.get("window", 512)?;
+    // A group past 1024 maps a whole trained length onto a handful of positions.
+    let group: usize = params.get_in("group", 4, 1..=1024)?;
+    let window: usize = params.get_in("window", 512, 1..=MAX_TOKENS)?;
     let block = params.choice("mode", &["exact", "block"])? == "block";
     params.finish(&["group", "window", "mode"])?;
     let trained = base.trained_ctx;
-    if group == 0 {
-        return Err(Error::InvalidOption(format!(
-            "`{part}`: group must be at least 1 (1 leaves every position as trained)"
-        )));
-    }
-    if window == 0 || !window.is_multiple_of(group) {
+    if !window.is_multiple_of(group) {
         return Err(Error::InvalidOption(format!(
             "`{part}`: window={window} must be a positive multiple of group={group}, so that grouped positions continue where the window ends (llama.cpp's --grp-attn-w has the same rule)"
         )));
@@ -287,7 +283,7 @@ mod tests {
     fn bad_parameters_say_what_is_wrong() {
         for (spec, n_ctx, needle) in [
             ("self_extend:group=3,window=128", 512, "window=128 must be a positive multiple of group=3"),
-            ("self_extend:group=0", 512, "group must be at least 1"),
+            ("self_extend:group=0", 512, "group must be a whole number between 1 and 1024 (got 0)"),
             ("self_extend:group=4,window=512", 512, "window=512 must be below the trained length of 512"),
             ("self_extend:group=4,window=1024", 512, "must be below the trained length"),
             (

@@ -17,8 +17,8 @@
 //!   and so does the shifted causal pass); its decoding, like the paper, splits at d < S and
 //!   d ≥ S, which is what is done here, in prefill too.
 
-use super::{Base, FarPositions, ModelRope, PositionScheme, RotaryTable};
-use crate::spec::{Params, SpecPart};
+use super::{Base, FarPositions, ModelRope, PositionScheme, RotaryTable, ATTENTION_FACTOR};
+use crate::spec::{Params, SpecPart, MAX_TOKENS};
 use crate::{Error, Result};
 
 pub struct StringScheme {
@@ -32,18 +32,14 @@ pub struct StringScheme {
 pub fn build(part: &SpecPart, base: &Base, n_ctx: usize) -> Result<Box<dyn PositionScheme>> {
     let trained = base.trained_ctx;
     let mut params = Params::new(part);
-    let shift: usize = params.get("shift", trained / 3)?;
-    let window: usize = params.get("window", 128)?;
-    let attention_factor: f64 = params.get("attention_factor", 0.1 * 2f64.ln() + 1.0)?;
+    let shift: usize = params.get_in("shift", trained / 3, 1..=MAX_TOKENS)?;
+    let window: usize = params.get_in("window", 128, 0..=MAX_TOKENS)?;
+    let attention_factor: f64 =
+        params.get_in("attention_factor", 0.1 * 2f64.ln() + 1.0, ATTENTION_FACTOR)?;
     params.finish(&["shift", "window", "attention_factor"])?;
     if !(window < shift && shift < trained) {
         return Err(Error::InvalidOption(format!(
             "`{part}`: needs window < shift < trained length, but window={window}, shift={shift} and the model was trained on {trained} tokens (the paper uses shift = trained/3, window = 128)"
-        )));
-    }
-    if !(attention_factor > 0.0 && attention_factor.is_finite()) {
-        return Err(Error::InvalidOption(format!(
-            "`{part}`: attention_factor={attention_factor} must be a positive number (1 leaves the logits as they are)"
         )));
     }
     if n_ctx > trained {
@@ -177,7 +173,7 @@ mod tests {
             (
                 "string:shift=6,window=2,attention_factor=0",
                 12,
-                "attention_factor=0 must be a positive number",
+                "attention_factor must be a number above 0 and at most 16 (got 0)",
             ),
             (
                 "string:shift=6,window=2",

@@ -5,7 +5,9 @@
 //! ones between, and cos/sin are multiplied by an attention factor (0.1·ln s + 1 by default, or
 //! DeepSeek's mscale ratio).
 
-use super::{original_length, scale_factor, Base, ModelRope, PositionScheme};
+use std::ops::Bound;
+
+use super::{original_length, scale_factor, Base, ModelRope, PositionScheme, ATTENTION_FACTOR};
 use crate::spec::{Params, SpecPart};
 use crate::{Error, Result};
 
@@ -49,13 +51,17 @@ pub fn correction_range(
 
 pub fn build(part: &SpecPart, base: &Base) -> Result<Box<dyn PositionScheme>> {
     let mut params = Params::new(part);
-    let factor = scale_factor(&mut params, "yarn")?;
+    let factor = scale_factor(&mut params)?;
     let original = original_length(&mut params, base)?;
-    let beta_fast: f64 = params.get("beta_fast", 32.0)?;
-    let beta_slow: f64 = params.get("beta_slow", 1.0)?;
-    let attention: Option<f64> = params.optional("attention_factor")?;
-    let m: Option<f64> = params.optional("mscale")?;
-    let m_all: Option<f64> = params.optional("mscale_all_dim")?;
+    // Rotations over the original length: the paper's 32 and 1; past 1024 every pair turns
+    // that often over any trained length, and the ramp says nothing.
+    let rotations = (Bound::Excluded(0.0), Bound::Included(1024.0));
+    let beta_fast: f64 = params.get_in("beta_fast", 32.0, rotations)?;
+    let beta_slow: f64 = params.get_in("beta_slow", 1.0, rotations)?;
+    let attention: Option<f64> = params.optional_in("attention_factor", ATTENTION_FACTOR)?;
+    // DeepSeek's mscale and mscale_all_dim are 0.707 to 1; 0 turns the ratio off, as in HF.
+    let m: Option<f64> = params.optional_in("mscale", 0.0..=16.0)?;
+    let m_all: Option<f64> = params.optional_in("mscale_all_dim", 0.0..=16.0)?;
     params.finish(&[
         "factor",
         "original_max_position_embeddings",
@@ -99,8 +105,13 @@ impl PositionScheme for Yarn {
     fn frequencies(&self, seq_len: usize, out: &mut Vec<f64>) {
         self.rope.frequencies(seq_len, out);
         for (f, &keep) in out.iter_mut().zip(&self.extrapolation) {
-            *f = *f / self.factor * (1.0 - keep) + *f * keep;
+            // HF's f/s·(1 − keep) + f·keep, arranged so that factor 1 leaves f exactly as it is.
+            *f *= keep + (1.0 - keep) / self.factor;
         }
+    }
+
+    fn model_rope(&self) -> Option<&ModelRope> {
+        Some(&self.rope)
     }
 
     fn attention_factor(&self) -> f32 {
