@@ -42,10 +42,10 @@ pub struct Args {
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true, value_parser = repeat_penalty)]
     repeat_penalty: f32,
     /// Subtracted from a recent token's logit once per time it was seen; 0 turns it off.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true, value_parser = frequency_penalty)]
     frequency_penalty: f32,
     /// Subtracted from a recent token's logit once if it was seen at all; 0 turns it off.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true, value_parser = presence_penalty)]
     presence_penalty: f32,
     /// Random seed (default: a fresh one, printed with the statistics).
     #[arg(long)]
@@ -243,6 +243,19 @@ fn top_p(text: &str) -> Result<f32, String> {
 
 fn min_p(text: &str) -> Result<f32, String> {
     sampling_value(text, "min-p", (0.0, false, 1.0), ", 0 turns it off")
+}
+
+// OpenAI's range for both.
+fn frequency_penalty(text: &str) -> Result<f32, String> {
+    penalty(text, "frequency penalty")
+}
+
+fn presence_penalty(text: &str) -> Result<f32, String> {
+    penalty(text, "presence penalty")
+}
+
+fn penalty(text: &str, name: &str) -> Result<f32, String> {
+    sampling_value(text, name, (-2.0, false, 2.0), ", 0 turns it off")
 }
 
 fn repeat_penalty(text: &str) -> Result<f32, String> {

@@ -923,6 +923,10 @@ fn negative_and_zero_counts_are_named_not_taken_for_flags() {
         (&["run", "-p", "hi", "--threads", "0"][..], "at least 1"),
         (&["serve", "--ctx", "0"][..], "0 is not allowed"),
         (&["serve", "--max-queue", "-3"][..], "-3 is not allowed"),
+        (
+            &["run", "-p", "hi", "--frequency-penalty", "1e9"][..],
+            "between -2 and 2",
+        ),
     ] {
         // Usage errors are clap's: exit code 2, the value and what to give instead.
         let out = longctx(args);
