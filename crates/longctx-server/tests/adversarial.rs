@@ -286,8 +286,16 @@ fn path() -> impl Strategy<Value = &'static str> {
     ])
 }
 
+/// 300 cases in `cargo test`; `LONGCTX_FUZZ_CASES` (scripts/fuzz_requests.sh) runs more.
+fn cases() -> u32 {
+    std::env::var("LONGCTX_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(300)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn no_body_breaks_the_server(path in path(), body in body()) {
