@@ -36,6 +36,8 @@ import threading
 import time
 import zlib
 
+from serve_load import percentile, proc_status_kib
+
 KEY = "soak-test-key"
 TOPICS = ["the tides", "a copper kettle", "orbiting moons", "a garden in winter", "river stones",
           "seven lanterns", "the night train", "a quiet library", "mountain weather", "old maps"]
@@ -43,24 +45,8 @@ SHARED = ("A ferry crosses a wide grey bay twice a day. The captain keeps a log 
           "passengers and the gulls that follow the wake. ") * 6
 
 
-def percentile(values, q):
-    if not values:
-        return 0.0
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
 def proc_kib(pid, field):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return proc_status_kib(pid, field) or 0
 
 
 def open_fds(pid):
@@ -373,8 +359,8 @@ def main():
                "rss_growth": round(growth, 4), "peak_rss_mib": round(peak, 1),
                "max_fds": max((s["fds"] for s in samples), default=0), "events": ev,
                "first_errors": tally.errors[:10], "passed": passed,
-               "requests": {k: {"n": len(v), "p50_s": round(percentile(v, .5), 3), "p95_s": round(percentile(v, .95), 3),
-                                "p99_s": round(percentile(v, .99), 3)} for k, v in sorted(tally.latency.items())}}
+               "requests": {k: {"n": len(v), "p50_s": round(percentile(v, 50), 3), "p95_s": round(percentile(v, 95), 3),
+                                "p99_s": round(percentile(v, 99), 3)} for k, v in sorted(tally.latency.items())}}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     lines = [f"Soak of `longctx serve`: {args.clients} clients for {args.duration / 60:.0f} min, server --timeout "
