@@ -96,6 +96,21 @@ pub fn main(args: Args) -> Result<()> {
         );
     }
     let body_limit = args.max_body_mib << 20;
+    // Past these, timers overflow their deadline and the semaphore its permit count.
+    const MAX_TIMEOUT_S: usize = 86_400;
+    if args.timeout > MAX_TIMEOUT_S {
+        bail!(
+            "--timeout {} is out of range; give 1 to {MAX_TIMEOUT_S} seconds (a day)",
+            args.timeout
+        );
+    }
+    const MAX_CONNECTIONS: usize = 1 << 20;
+    if args.max_connections > MAX_CONNECTIONS {
+        bail!(
+            "--max-connections {} is out of range; give 1 to {MAX_CONNECTIONS}",
+            args.max_connections
+        );
+    }
     let Some(prefix_cache_bytes) = args.prefix_cache_mib.checked_mul(1 << 20) else {
         bail!(
             "--prefix-cache-mib {} is more memory than any machine has; give a size in MiB",

@@ -939,4 +939,12 @@ fn negative_and_zero_counts_are_named_not_taken_for_flags() {
         &longctx(&["serve", "--prefix-cache-mib", "17592186044416"]),
         "more memory",
     );
+    assert_clean_failure(
+        &longctx(&["serve", "--timeout", "18446744073709551615"]),
+        "give 1 to 86400 seconds",
+    );
+    assert_clean_failure(
+        &longctx(&["serve", "--max-connections", "18446744073709551615"]),
+        "--max-connections 18446744073709551615 is out of range",
+    );
 }
