@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::runner::{load_jsonl, write_atomic};
+use crate::runner::{load_jsonl, write_atomic, RunLock};
 use crate::{EvalError, Result};
 
 /// The search's settings; the paper's defaults are population 64, 40 iterations, 16 mutations,
@@ -176,21 +176,26 @@ fn key(factors: &[f64], step: f64) -> String {
         .join(",")
 }
 
-/// The search's folder: its settings, every evaluation so far, the best factors.
+/// The search's folder: its settings, every evaluation so far, the best factors. Held by one
+/// search at a time, as an evaluation's folder is.
 pub struct SearchDir {
     dir: PathBuf,
     cache: HashMap<String, f64>,
+    _lock: RunLock,
 }
 
 impl SearchDir {
-    /// Opens `dir` for `config`, refusing a folder that holds a search with other settings.
+    /// Opens `dir` for `config`, refusing a folder another search is using or one that holds
+    /// candidates measured with other settings. Settings are checked first and recorded only
+    /// then, and a folder without candidates takes the new ones: a refused run must not leave
+    /// behind settings that refuse the corrected one.
     pub fn open(dir: &Path, config: &SearchConfig) -> Result<Self> {
-        let io = |path: PathBuf| move |source| EvalError::Write { path, source };
-        std::fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
+        config.check()?;
+        let lock = RunLock::acquire(dir)?;
         let config_path = dir.join("search.json");
-        let text = serde_json::to_string_pretty(config).expect("plain data serialises");
-        match std::fs::read_to_string(&config_path) {
-            Ok(existing) => {
+        let candidates = load_jsonl::<Evaluated>(&dir.join("candidates.jsonl"))?;
+        let recorded = match std::fs::read_to_string(&config_path) {
+            Ok(existing) if !candidates.is_empty() => {
                 let old: SearchConfig = serde_json::from_str(&existing).map_err(|e| {
                     EvalError::Invalid(format!(
                         "{} is damaged ({e}); remove the folder or choose another --out",
@@ -203,16 +208,22 @@ impl SearchDir {
                         dir.display()
                     )));
                 }
+                true
             }
-            Err(_) => write_atomic(&config_path, &(text + "\n"))?,
+            _ => false,
+        };
+        if !recorded {
+            let text = serde_json::to_string_pretty(config).expect("plain data serialises");
+            write_atomic(&config_path, &(text + "\n"))?;
         }
-        let cache = load_jsonl::<Evaluated>(&dir.join("candidates.jsonl"))?
+        let cache = candidates
             .into_iter()
             .map(|e| (key(&e.factors, config.step), e.perplexity))
             .collect();
         Ok(Self {
             dir: dir.to_path_buf(),
             cache,
+            _lock: lock,
         })
     }
 
@@ -521,6 +532,7 @@ mod tests {
             longctx::positions::LongRopeFactors::load(&dir.path().join("best.json")).unwrap();
         assert_eq!(saved.long_factor, best.factors);
 
+        drop(open);
         // Kill after a few evaluations: cut the file to 5 lines plus half a line.
         let path = dir.path().join("candidates.jsonl");
         let text = std::fs::read_to_string(&path).unwrap();
@@ -548,12 +560,41 @@ mod tests {
             "one whole line per measurement, the torn one gone"
         );
 
+        drop(open);
         let other = SearchConfig { seed: 8, ..c };
         let err = SearchDir::open(dir.path(), &other)
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("other settings"), "{err}");
+    }
+
+    #[test]
+    fn a_folder_in_use_is_refused_and_a_refused_run_leaves_nothing_that_refuses_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = SearchDir::open(dir.path(), &config()).unwrap();
+        let err = SearchDir::open(dir.path(), &config())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("is in use by another"), "{err}");
+        drop(held);
+
+        let other = tempfile::tempdir().unwrap();
+        let bad = SearchConfig {
+            population: 2,
+            ..config()
+        };
+        assert!(SearchDir::open(other.path(), &bad).is_err());
+        assert!(!other.path().join("search.json").exists());
+        // Settings recorded by an earlier version before any candidate give way as well.
+        let first = SearchDir::open(other.path(), &config()).unwrap();
+        drop(first);
+        let corrected = SearchConfig {
+            seed: 9,
+            ..config()
+        };
+        assert!(SearchDir::open(other.path(), &corrected).is_ok());
     }
 
     #[test]
