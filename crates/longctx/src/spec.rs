@@ -215,12 +215,11 @@ impl<'a> Params<'a> {
     where
         T: FromStr + PartialOrd + fmt::Display,
     {
-        if !self.part.params.iter().any(|(k, _)| k == key) {
-            return self.required(key);
+        match self.optional_in(key, range)? {
+            Some(value) => Ok(value),
+            // Absent: `required` says so, naming the parameter.
+            None => self.required(key),
         }
-        Ok(self
-            .optional_in(key, range)?
-            .expect("the parameter is given"))
     }
 
     /// As [`Params::get_in`], None when `key` is not given.
