@@ -87,30 +87,12 @@ pub fn main(args: Args) -> Result<()> {
         Some(dir) => Some(dir.canonicalize()?),
         None => None,
     };
-    // Bounded so that the shift cannot wrap (it did, to a limit of 0 that refused every body).
-    const MAX_BODY_MIB: usize = 4096;
-    if args.max_body_mib > MAX_BODY_MIB {
-        bail!(
-            "--max-body-mib {} is out of range; give 1 to {MAX_BODY_MIB}",
-            args.max_body_mib
-        );
-    }
+    // Bounded so that nothing wraps: the body limit's shift (it did, to a limit of 0 that
+    // refused every body), the timers' deadlines, the connection semaphore's permit count.
+    at_most("max-body-mib", args.max_body_mib, 4096, "")?;
+    at_most("timeout", args.timeout, 86_400, " seconds (a day)")?;
+    at_most("max-connections", args.max_connections, 1 << 20, "")?;
     let body_limit = args.max_body_mib << 20;
-    // Past these, timers overflow their deadline and the semaphore its permit count.
-    const MAX_TIMEOUT_S: usize = 86_400;
-    if args.timeout > MAX_TIMEOUT_S {
-        bail!(
-            "--timeout {} is out of range; give 1 to {MAX_TIMEOUT_S} seconds (a day)",
-            args.timeout
-        );
-    }
-    const MAX_CONNECTIONS: usize = 1 << 20;
-    if args.max_connections > MAX_CONNECTIONS {
-        bail!(
-            "--max-connections {} is out of range; give 1 to {MAX_CONNECTIONS}",
-            args.max_connections
-        );
-    }
     let Some(prefix_cache_bytes) = args.prefix_cache_mib.checked_mul(1 << 20) else {
         bail!(
             "--prefix-cache-mib {} is more memory than any machine has; give a size in MiB",
@@ -142,6 +124,13 @@ pub fn main(args: Args) -> Result<()> {
         },
     };
     longctx_server::run(config, SocketAddr::new(args.host, args.port))
+}
+
+fn at_most(flag: &str, value: usize, max: usize, unit: &str) -> Result<()> {
+    if value > max {
+        bail!("--{flag} {value} is out of range; give 1 to {max}{unit}");
+    }
+    Ok(())
 }
 
 /// The id clients see: the file's stem, or the name the model was fetched by.

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -89,7 +88,6 @@ impl AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let limit = state.body_limit;
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -100,7 +98,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/detokenize", post(detokenize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(limit))
+        // `read_body` reads every body whole, within the limit and the timeout, before the
+        // handlers' `Bytes` take it; axum's own limit would only repeat that check.
+        .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(state.clone(), read_body))
         // Outermost, so that a request without the key is refused before its body is read.
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
@@ -247,45 +247,20 @@ async fn metrics(State(state): Shared) -> Response {
         .into_response()
 }
 
-/// The body, or the error the client gets for it (413 past the size limit).
-fn body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        let status = rejection.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::invalid(format!(
-                "the request body is larger than the server's limit of {limit} bytes; send a \
-                 shorter prompt or start the server with a larger --max-body-mib"
-            ))
-            .with_status(status)
-        } else {
-            ApiError::invalid(format!(
-                "cannot read the request body: {}",
-                rejection.body_text()
-            ))
-            .with_status(status)
-        }
-    })
-}
-
-async fn tokenize(State(state): Shared, raw: Result<Bytes, BytesRejection>) -> Response {
-    let limit = state.body_limit;
-    let result = match body(raw, limit) {
-        Ok(b) => off_workers(&state, move |state| tokenize_body(state, &b)).await,
-        Err(e) => Err(e),
-    };
-    match result {
+async fn tokenize(State(state): Shared, body: Bytes) -> Response {
+    match off_workers(&state, move |state| tokenize_body(state, &body)).await {
         Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-/// The answer serialized here, on the blocking thread, straight from the ids: a `Value` per
-/// token cost 30-odd bytes each and made a 7 MB body peak at ~20 bytes of memory per byte.
+/// The answer serialized here, on the blocking thread, straight from the ids rather than
+/// through a `Value` of 30-odd bytes per token.
 fn tokenize_body(state: &AppState, body: &[u8]) -> Result<Vec<u8>, ApiError> {
     #[derive(serde::Serialize)]
-    struct Piece<'a> {
+    struct Piece {
         id: u32,
-        piece: std::borrow::Cow<'a, str>,
+        piece: String,
     }
     #[derive(serde::Serialize)]
     struct Tokens<T> {
@@ -295,13 +270,11 @@ fn tokenize_body(state: &AppState, body: &[u8]) -> Result<Vec<u8>, ApiError> {
     let tok = &state.model.tokenizer;
     let ids = tok.encode(&request.content, request.add_special, request.parse_special)?;
     let json = if request.with_pieces {
-        let bytes: Vec<Vec<u8>> = ids.iter().map(|&id| tok.token_bytes(id)).collect();
         let pieces: Vec<Piece> = ids
             .iter()
-            .zip(&bytes)
-            .map(|(&id, b)| Piece {
+            .map(|&id| Piece {
                 id,
-                piece: String::from_utf8_lossy(b),
+                piece: String::from_utf8_lossy(&tok.token_bytes(id)).into_owned(),
             })
             .collect();
         serde_json::to_vec(&Tokens { tokens: pieces })
@@ -311,19 +284,13 @@ fn tokenize_body(state: &AppState, body: &[u8]) -> Result<Vec<u8>, ApiError> {
     json.map_err(|e| ApiError::internal(format!("cannot write the answer: {e}")))
 }
 
-async fn detokenize(State(state): Shared, raw: Result<Bytes, BytesRejection>) -> Response {
-    let limit = state.body_limit;
-    let result = match body(raw, limit) {
-        Ok(b) => {
-            off_workers(&state, move |state| {
-                let request: api::DetokenizeRequest = api::parse(&b)?;
-                let ids = token_ids(&request.tokens, state.model.config.vocab, "tokens")?;
-                Ok(json!({ "content": state.model.tokenizer.decode(&ids) }))
-            })
-            .await
-        }
-        Err(e) => Err(e),
-    };
+async fn detokenize(State(state): Shared, body: Bytes) -> Response {
+    let result = off_workers(&state, move |state| {
+        let request: api::DetokenizeRequest = api::parse(&body)?;
+        let ids = token_ids(&request.tokens, state.model.config.vocab, "tokens")?;
+        Ok(json!({ "content": state.model.tokenizer.decode(&ids) }))
+    })
+    .await;
     match result {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
@@ -362,23 +329,15 @@ struct Prepared {
     events: UnboundedReceiver<Event>,
 }
 
-async fn chat(State(state): Shared, raw: Result<Bytes, BytesRejection>) -> Response {
-    generate(state, raw, Endpoint::Chat).await
+async fn chat(State(state): Shared, body: Bytes) -> Response {
+    generate(state, body, Endpoint::Chat).await
 }
 
-async fn completions(State(state): Shared, raw: Result<Bytes, BytesRejection>) -> Response {
-    generate(state, raw, Endpoint::Completion).await
+async fn completions(State(state): Shared, body: Bytes) -> Response {
+    generate(state, body, Endpoint::Completion).await
 }
 
-async fn generate(
-    state: Arc<AppState>,
-    raw: Result<Bytes, BytesRejection>,
-    endpoint: Endpoint,
-) -> Response {
-    let bytes = match body(raw, state.body_limit) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
+async fn generate(state: Arc<AppState>, bytes: Bytes, endpoint: Endpoint) -> Response {
     // Tokenizing a long prompt and checking it against the window is CPU work.
     let prepared = off_workers(&state, move |state| prepare(state, &bytes, endpoint)).await;
     let prepared = match prepared {
